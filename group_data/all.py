@@ -1,0 +1,146 @@
+# Defaults for every host: each setting the roles read, with why it has its value.
+# Per-group files (prod.py, lab.py, brokers.py, ...) override these; inventories override per host.
+# Secrets are NOT here: they live in <vault_dir>/*.vault.yml (ansible-vault), read by roles/secrets.py.
+# Rule for this file: only plain data at module level -- no imports, no temporaries -- because pyinfra
+# exports every top-level name as host data (tests/unit/test_inventories.py checks it).
+
+# --- which backends and roles ----------------------------------------------------------------------
+# Broker implementation on hosts of the "brokers" group: "emqx" (Docker compose) or "mosquitto" (apt).
+broker_backend = "emqx"
+# Database implementation on hosts of the "databases" group: "timescaledb" (compose) or "postgresql" (apt).
+database_backend = "timescaledb"
+# Where Docker comes from: "docker-ce" (Docker's apt repo, compose v2 plugin) or "debian"
+# (docker.io + docker-compose from the distribution; compose v1, no `up --wait`).
+docker_source = "docker-ce"
+
+# --- secrets ----------------------------------------------------------------------------------------
+# Folder holding all.vault.yml and <group>.vault.yml, relative to the repository root.
+vault_dir = "group_data"
+
+# --- base host --------------------------------------------------------------------------------------
+# Extra packages every host gets (tools an operator expects when logged in at 3 a.m.).
+base_packages = ["ca-certificates", "curl", "gnupg", "htop", "jq", "less", "rsync", "sudo", "vim-tiny"]
+# Login used by operators; gets sudo without password (it has no password: keys only).
+admin_user = "ops"
+# Public SSH keys of the operators allowed in as admin_user. Public keys are not secrets.
+admin_ssh_keys = []
+# Root may log in with a key only ("prohibit-password") or not at all ("no").
+ssh_permit_root_login = "prohibit-password"
+# SSH port; ufw opens it only to ssh_allowed_from.
+ssh_port = 22
+# Networks allowed to reach SSH (CIDR). Empty means anywhere -- acceptable only for a lab.
+ssh_allowed_from = []
+# TCP ports open to the world on every host: HTTP for ACME challenges and the provisioning API.
+firewall_public_tcp_ports = [80, 443]
+# fail2ban: bans after this many failed SSH logins within findtime, for bantime.
+fail2ban_maxretry = 5
+fail2ban_findtime = "10m"
+fail2ban_bantime = "1h"
+# Unattended upgrades: security updates only; reboot is left to operators (brokers hold sessions).
+unattended_upgrades_reboot = False
+# Time zone of the hosts; UTC keeps logs and telemetry timestamps comparable across sites.
+timezone = "Etc/UTC"
+# NTP servers for systemd-timesyncd; the distribution's pool is the fallback.
+ntp_servers = ["0.debian.pool.ntp.org", "1.debian.pool.ntp.org"]
+# Kernel tuning for many MQTT connections; applied only where /proc/sys is writable.
+sysctl_settings = {
+    "fs.file-max": 2097152,
+    "fs.nr_open": 2097152,
+    "net.core.somaxconn": 32768,
+    "net.ipv4.tcp_max_syn_backlog": 16384,
+    "net.core.netdev_max_backlog": 16384,
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.core.rmem_default": 262144,
+    "net.core.wmem_default": 262144,
+    "net.core.rmem_max": 16777216,
+    "net.core.wmem_max": 16777216,
+    "net.ipv4.tcp_rmem": "1024 4096 16777216",
+    "net.ipv4.tcp_wmem": "1024 4096 16777216",
+}
+# Open-files limit for services (systemd DefaultLimitNOFILE); one MQTT connection is one descriptor.
+nofile_limit = 1048576
+
+# --- docker -----------------------------------------------------------------------------------------
+# json-file log rotation: containers must not fill the disk.
+docker_log_max_size = "20m"
+docker_log_max_file = 5
+# Docker's release key fingerprint; the downloaded key is checked against it before apt trusts it.
+docker_apt_key_fingerprint = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
+# Where compose projects live on the host (one folder per project).
+compose_root = "/srv/telemetry"
+
+# --- TLS (files placed by the certbot role; see docs/deploy.md) ---------------------------------------
+# Certificate chain and private key the MQTT listeners serve (readable by uid 1000 for EMQX).
+tls_dir = "/etc/telemetry/tls"
+tls_cert_file = "/etc/telemetry/tls/fullchain.pem"
+tls_key_file = "/etc/telemetry/tls/privkey.pem"
+
+# --- MQTT, shared by both brokers -------------------------------------------------------------------
+# The ingest service's messages per database batch; the broker's in-flight window must exceed it.
+ingest_batch_size = 500
+# QoS 1/2 messages in flight per session. At least twice ingest_batch_size so a batch being written
+# never stalls delivery of the next one (checked by the broker roles).
+mqtt_max_inflight = 2000
+# Messages queued per offline/slow session before the oldest QoS 0 messages are dropped.
+mqtt_max_queued = 10000
+# Largest accepted packet; telemetry is small, anything bigger is a misbehaving device.
+mqtt_max_packet_size = "1MB"
+# Loopback plain-TCP listener for the co-located ingest service (no TLS inside the host).
+mqtt_loopback_port = 1883
+# Public TLS listeners.
+mqtt_tls_port = 8883
+mqtt_wss_port = 8084
+
+# --- EMQX -------------------------------------------------------------------------------------------
+# Pinned image: the contract (shared/emqx-5.8-contract.md) was verified against this exact release.
+emqx_image = "emqx/emqx:5.8.8"
+# The part of the node name before "@". Must not end in a digit: EMQX derives the distribution port
+# from a trailing number (emqx1 -> 4371).
+emqx_node_short_name = "emqx"
+# Cluster name shared by all nodes of one broker group.
+emqx_cluster_name = "telemetry"
+# Dashboard/REST API port, bound to 127.0.0.1 only (reach it through an SSH tunnel).
+emqx_dashboard_port = 18083
+# How many connections the TLS listeners accept (per node).
+emqx_max_connections = 500000
+# Password hashing EMQX applies to device_credentials; MUST match what provisioning writes.
+# Spec format: "<algorithm>[:<salt_position>]" or "pbkdf2:<mac_fun>:<iterations>:<dk_length>" or "bcrypt".
+emqx_password_hash = "pbkdf2:sha256:10000:32"  # noqa: S105 -- an algorithm, not a password
+# Connection pool from each EMQX node to PostgreSQL for authn/authz queries.
+emqx_db_pool_size = 8
+# Login users the broker and ingest use (members of the group roles the migrations create).
+db_broker_user = "emqx_auth"
+db_ingest_user = "ingest"
+db_provisioner_user = "provisioner"
+# EMQX log level on the console (docker logs); UI-editable (base.hocon).
+emqx_log_level = "warning"
+
+# --- Mosquitto --------------------------------------------------------------------------------------
+# Where the password and ACL files go; Mosquitto re-reads them on SIGHUP.
+mosquitto_passwd_file = "/etc/mosquitto/telemetry.passwd"  # noqa: S105 -- a path
+mosquitto_acl_file = "/etc/mosquitto/telemetry.acl"
+# provision CLI on the host (installed by the ingest role) that exports those files from the database.
+provision_bin = "/opt/telemetry/venv/bin/provision"
+# Seconds between writes of the in-memory store to disk (persistence is always on).
+mosquitto_autosave_interval = 60
+
+# --- database ---------------------------------------------------------------------------------------
+# Pinned TimescaleDB image (TimescaleDB 2.x on PostgreSQL 15).
+timescaledb_image = "timescale/timescaledb:2.17.2-pg15"
+# PostgreSQL major from apt for the "postgresql" backend (Debian 12 ships 15).
+postgresql_version = 15
+# Database name the platform uses.
+database_name = "telemetry"
+# Address the database listens on for other hosts; 127.0.0.1 = this host only.
+database_listen_address = "127.0.0.1"
+database_port = 5432
+# Share of memory for shared_buffers / effective_cache_size (PostgreSQL tuning rule of thumb).
+database_shared_buffers_ratio = 0.25
+database_effective_cache_ratio = 0.75
+# Fallback when the host's memory cannot be read (chroot, image build), in MiB.
+database_memory_fallback_mib = 2048
+database_max_connections = 200
+# Networks (CIDR) allowed to connect with a password besides loopback; empty = loopback only.
+database_allowed_networks = []
+# ingest CLI on the host (installed by the ingest role) that applies the schema migrations.
+ingest_bin = "/opt/telemetry/venv/bin/ingest"
