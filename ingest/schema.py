@@ -21,8 +21,7 @@ EMQX_AUTHN_QUERY = (
 )
 # EMQX 5.8 postgresql authorizer: rows tried in result order, first match wins (contract section 4).
 EMQX_AUTHZ_QUERY = (
-    "SELECT permission, action, topic, qos, retain FROM device_acl "
-    "WHERE username = ${username} ORDER BY rule_order"
+    "SELECT permission, action, topic, qos, retain FROM device_acl WHERE username = ${username} ORDER BY rule_order"
 )
 
 _PLACEHOLDER = re.compile(r"\$\{([a-z_.]+)\}")
