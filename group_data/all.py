@@ -26,8 +26,9 @@ admin_user = "ops"
 admin_ssh_keys = []
 # Root may log in with a key only ("prohibit-password") or not at all ("no").
 ssh_permit_root_login = "prohibit-password"
-# SSH port; ufw opens it only to ssh_allowed_from.
-ssh_port = 22
+# Port sshd listens on; ufw opens it only to ssh_allowed_from. (Not `ssh_port`: that one is how
+# pyinfra connects, which differs when the host sits behind a forwarded port, as the lab does.)
+sshd_port = 22
 # Networks allowed to reach SSH (CIDR). Empty means anywhere -- acceptable only for a lab.
 ssh_allowed_from = []
 # TCP ports open to the world on every host: HTTP for ACME challenges and the provisioning API.
@@ -104,7 +105,8 @@ emqx_dashboard_port = 18083
 # How many connections the TLS listeners accept (per node).
 emqx_max_connections = 500000
 # Password hashing EMQX applies to device_credentials; MUST match what provisioning writes.
-# Spec format: "<algorithm>[:<salt_position>]" or "pbkdf2:<mac_fun>:<iterations>:<dk_length>" or "bcrypt".
+# Spec format (ingest/hashing.py): "<simple>[:<salt_position>]", "pbkdf2:<mac_fun>:<iterations>[:<dk_length>]",
+# "bcrypt[:<rounds>]".
 emqx_password_hash = "pbkdf2:sha256:10000:32"  # noqa: S105 -- an algorithm, not a password
 # Connection pool from each EMQX node to PostgreSQL for authn/authz queries.
 emqx_db_pool_size = 8

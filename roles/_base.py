@@ -53,7 +53,13 @@ def hocon_string(value: object) -> str:
     return json.dumps(str(value))
 
 
+def sql_literal(value: object) -> str:
+    """A PostgreSQL string literal (standard_conforming_strings: only ' needs doubling)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 _ENV.filters["hocon"] = hocon_string
+_ENV.filters["sql"] = sql_literal
 
 
 def render(template: str, **context: Any) -> str:

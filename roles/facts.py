@@ -32,16 +32,19 @@ class MemTotalMiB(FactBase[int]):
 
 
 class MosquittoExport(FactBase[dict[str, str]]):
-    """Mosquitto password + ACL files as produced by ``provision export-mosquitto`` on the host.
+    """Mosquitto password + ACL files as ``provision export-mosquitto`` renders them on the host.
 
-    Prints nothing when the CLI is not installed yet (the ingest role installs it) -- the caller then
-    falls back to deny-all files. Output: the password file, a line ``--8<-- acl``, the ACL file."""
+    Exported into a private temporary folder and printed (password file, a ``--8<-- acl`` line, ACL
+    file), so the deploy uploads them like any other file and knows whether they changed. Prints
+    nothing when the CLI is not installed yet or the database does not answer."""
 
     def command(self, provision_bin: str, dsn: str, password_file: str) -> str:
         return (
             f"if [ -x {provision_bin} ] && [ -r {password_file} ]; then "
+            "d=$(mktemp -d) && "
             f"{provision_bin} export-mosquitto --dsn '{dsn}' --password-file {password_file} "
-            "--passwd-out - --acl-out - --separator '--8<-- acl'; fi"
+            '--passwords "$d/passwd" --acl "$d/acl" >/dev/null 2>&1 && '
+            'cat "$d/passwd" && echo \'--8<-- acl\' && cat "$d/acl"; rm -rf "$d"; fi; true'
         )
 
     def process(self, output: list[str]) -> Any:
@@ -55,7 +58,9 @@ class MosquittoExport(FactBase[dict[str, str]]):
                 target = acl
                 continue
             target.append(line)
-        return {"passwd": "\n".join(passwd) + "\n", "acl": "\n".join(acl) + "\n"}
+        if target is passwd:
+            return None  # incomplete output: keep the current files rather than upload half
+        return {"passwd": "".join(f"{x}\n" for x in passwd), "acl": "".join(f"{x}\n" for x in acl)}
 
 
 class DockerNetworks(FactBase[list[str]]):

@@ -9,6 +9,7 @@ packages=(
   postgresql-15 postgresql-client-15                 # real database for integration tests
   mosquitto mosquitto-clients                        # real MQTT broker for integration tests
   openssl ca-certificates
+  docker-compose shellcheck openssh-server systemd debootstrap   # deploy validators + chroot test
 )
 
 if [ "$(id -u)" -ne 0 ]; then

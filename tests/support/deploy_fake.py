@@ -171,3 +171,14 @@ def run_deploys(
         for fn in deploys:
             add_deploy(state, fn)
         return collect(state)
+
+
+def in_group(group: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Apply a role deploy only to hosts of ``group`` (as deploys/ does through roles.plan)."""
+    from pyinfra.context import host
+
+    def _deploy() -> None:
+        if group in host.groups:
+            fn()
+
+    return _deploy

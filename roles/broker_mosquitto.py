@@ -1,0 +1,101 @@
+"""Mosquitto 2 from apt (lab and small sites): TLS listeners, files from `provision export-mosquitto`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyinfra.operations import apt
+
+from roles._base import Role, RoleError, render, role_deploy
+from roles.facts import MosquittoExport
+from roles.secrets import secrets_for
+
+CONFIG = "/etc/mosquitto/mosquitto.conf"
+DB_PASSWORD_FILE = "/etc/mosquitto/telemetry-db.password"  # noqa: S105 -- a path
+# Until the database has accounts (or the provision CLI is installed), no device gets in.
+DENY_ALL = {"passwd": "", "acl": "# no accounts exported yet: every client is refused\n"}
+
+_SIZES = {"KB": 1024, "MB": 1024 * 1024}
+
+
+def size_bytes(text: str) -> int:
+    for suffix, factor in _SIZES.items():
+        if text.upper().endswith(suffix):
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def render_config(ctx: dict[str, Any]) -> str:
+    return render("broker_mosquitto/mosquitto.conf.j2", **ctx)
+
+
+class BrokerMosquitto(Role):
+    name = "broker_mosquitto"
+
+    def context(self) -> dict[str, Any]:
+        inflight = int(self.data("mqtt_max_inflight"))
+        batch = int(self.data("ingest_batch_size"))
+        if inflight < 2 * batch:
+            raise RoleError(f"broker_mosquitto: mqtt_max_inflight {inflight} < 2 x ingest_batch_size {batch}")
+        return {
+            "pid_file": "/run/mosquitto/mosquitto.pid",
+            "persistence_dir": "/var/lib/mosquitto",
+            "autosave_interval": self.data("mosquitto_autosave_interval"),
+            "max_inflight": inflight,
+            "max_queued": self.data("mqtt_max_queued"),
+            "max_packet_size": size_bytes(str(self.data("mqtt_max_packet_size"))),
+            "log_dest": "syslog",
+            "loopback_port": self.data("mqtt_loopback_port"),
+            "tls_port": self.data("mqtt_tls_port"),
+            "wss_port": self.data("mqtt_wss_port"),
+            "certfile": self.data("tls_cert_file"),
+            "keyfile": self.data("tls_key_file"),
+            "passwd_file": self.data("mosquitto_passwd_file"),
+            "acl_file": self.data("mosquitto_acl_file"),
+        }
+
+    def export_auth(self) -> dict[str, str]:
+        """The password and ACL files' contents: the one place to change how they are produced.
+
+        Runs `provision export-mosquitto` on the host (it reads the database with the broker's
+        read-only login) through a fact, so the deploy compares contents and sends SIGHUP only when
+        they differ."""
+        dsn = (
+            f"host=127.0.0.1 port={self.data('database_port')} dbname={self.data('database_name')} "
+            f"user={self.data('db_broker_user')}"
+        )
+        exported = self.host.get_fact(MosquittoExport, self.data("provision_bin"), dsn, DB_PASSWORD_FILE)
+        if not exported:
+            self.warn_once("no accounts exported yet (database or provision CLI not ready): deny-all files")
+            return dict(DENY_ALL)
+        return dict(exported)
+
+    def install(self) -> None:
+        apt.packages(
+            name="broker_mosquitto: mosquitto",
+            packages=["mosquitto"],
+            no_recommends=True,
+            update=True,
+            cache_time=3600,
+        )
+
+    def configure(self) -> None:
+        self.put(render_config(self.context()), CONFIG, key="config")
+        self.put(
+            secrets_for(self.host)["db_broker_password"] + "\n",
+            DB_PASSWORD_FILE,
+            key="db",
+            mode="0600",
+            secret=True,
+        )
+        auth = self.export_auth()
+        for content, path in ((auth["passwd"], "mosquitto_passwd_file"), (auth["acl"], "mosquitto_acl_file")):
+            # Password hashes: readable by the broker's group only.
+            self.put(content, self.data(path), key="auth", mode="0640", group="mosquitto", secret=True)
+
+    def activate(self) -> None:
+        # SIGHUP (the Debian unit's reload) re-reads password and ACL files without dropping sessions.
+        self.service("mosquitto", restart_if=self.changed("config"), reload_if=self.changed("auth"))
+
+
+broker_mosquitto = role_deploy(BrokerMosquitto)

@@ -1,0 +1,56 @@
+"""Which roles a host gets, in which order, from its groups and group data (used by deploys/)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pyinfra.api.host import Host
+
+from roles._base import RoleError
+from roles.base import base
+from roles.broker_emqx import broker_emqx
+from roles.broker_mosquitto import broker_mosquitto
+from roles.database_postgresql import database_postgresql
+from roles.database_timescaledb import database_timescaledb
+from roles.docker import docker
+
+Deploy = Callable[[], Any]
+
+BROKERS: dict[str, Deploy] = {"emqx": broker_emqx, "mosquitto": broker_mosquitto}
+DATABASES: dict[str, Deploy] = {"timescaledb": database_timescaledb, "postgresql": database_postgresql}
+COMPOSE_BACKENDS = {"emqx", "timescaledb"}
+
+
+def _pick(kind: str, table: dict[str, Deploy], value: Any) -> Deploy:
+    if value not in table:
+        raise RoleError(f"{kind}_backend must be one of {', '.join(table)}, not {value!r}")
+    return table[value]
+
+
+def database_roles(host: Host) -> list[Deploy]:
+    if "databases" not in host.groups:
+        return []
+    return [_pick("database", DATABASES, host.data.get("database_backend"))]
+
+
+def broker_roles(host: Host) -> list[Deploy]:
+    if "brokers" not in host.groups:
+        return []
+    return [_pick("broker", BROKERS, host.data.get("broker_backend"))]
+
+
+def docker_roles(host: Host) -> list[Deploy]:
+    """Docker wherever a compose stack will run; the lab gets Debian's too (later issues use it)."""
+    backends = set()
+    if "brokers" in host.groups:
+        backends.add(host.data.get("broker_backend"))
+    if "databases" in host.groups:
+        backends.add(host.data.get("database_backend"))
+    wanted = bool(backends & COMPOSE_BACKENDS) or host.data.get("docker_source") == "debian"
+    return [docker] if wanted else []
+
+
+def all_roles(host: Host) -> list[Deploy]:
+    """Base first (firewall, users), then Docker, then the database the broker authenticates against."""
+    return [base, *docker_roles(host), *database_roles(host), *broker_roles(host)]
