@@ -49,12 +49,12 @@ class PsycopgSession:
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[Row]:
         with self.conn.cursor() as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]  # sql is ours, values are bound
+            cur.execute(sql, params)
             return cur.fetchall() if cur.description else []
 
     def execute_script(self, sql: str) -> None:
         # Without parameters psycopg uses the simple query protocol, which accepts many statements.
-        self.conn.execute(sql)  # type: ignore[call-overload]
+        self.conn.execute(sql)
 
     def close(self) -> None:
         self.conn.close()

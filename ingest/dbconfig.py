@@ -57,7 +57,7 @@ def build_conninfo(dsn: str | None, password_file: Path | None) -> str:
         params["password"] = password
     params.setdefault("connect_timeout", "10")
     params.setdefault("application_name", "telemetry-platform")
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def connect(dsn: str | None, password_file: Path | None) -> PsycopgSession:
