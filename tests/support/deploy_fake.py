@@ -71,6 +71,8 @@ class HostResult:
         return [c for op in self.ops for c in op.commands]
 
     def op_names(self) -> list[str]:
+        """Reliable for single-host inventories only: in API mode pyinfra hashes operations by their
+        position, so hosts with different operation lists share hashes and their names mix."""
         return [op.name for op in self.ops]
 
 
