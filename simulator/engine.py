@@ -1,0 +1,860 @@
+"""Many devices, one process, one event loop.
+
+Each device is a paho-mqtt client driven through paho's external-loop API (``loop_read``,
+``loop_write``, ``loop_misc``, ``want_write``) from one ``selectors`` loop. paho's own ``connect()``
+blocks on the TCP connect and the TLS handshake; at 10,000 devices that serialises the ramp on the
+broker's round trips. So the TCP connect and the TLS handshake are done here, non-blocking, and the
+finished socket is handed to a fresh paho client through :class:`_SimClient` (paho-mqtt is pinned at
+2.2.0; the override point is its ``_create_socket``). A new client per connection also means a
+dropped connection's unacknowledged messages are never re-sent behind our back: they are counted
+as *unconfirmed* instead, which keeps "acknowledged" exact.
+
+Accounting, per device and in total:
+
+* ``sent``: publishes handed to paho on the device's own topics (telemetry, status, heartbeat;
+  command answers go to status).
+* ``acked``: QoS 1 - PUBACK with a success code; QoS 0 - written to the socket.
+* ``failed``: PUBACK with a failure reason code (MQTT 5 only).
+* ``unconfirmed``: in flight when the connection dropped (fault or loss); the broker may or may not
+  have delivered them.
+* cross-topic fault publishes are counted apart (``cross_sent``/``acl_refused``): they always go
+  out with QoS 1 so the broker answers. MQTT 5 brokers answer a refused publish with PUBACK 0x87
+  (Not authorized): that is a refusal. MQTT 3.1.1 has no reason codes - Mosquitto acknowledges and
+  silently drops - so there such publishes are counted as ``acl_unconfirmed`` instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import heapq
+import json
+import os
+import random
+import resource
+import selectors
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from simulator.config import DeviceCreds, Faults, RunConfig
+from simulator.payloads import Profile, dumps, make_profile, malformed, oversized
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
+
+# Device states.
+IDLE, TCP, TLS, MQTT, UP, DONE = range(6)
+_STATE_NAMES = ("idle", "tcp connect", "tls handshake", "waiting for CONNACK", "connected", "done")
+
+# What an in-flight message is, for the accounting.
+K_TELEMETRY, K_STATUS, K_HEARTBEAT, K_REPLY, K_OVERSIZED, K_CROSS = range(6)
+KIND_NAMES = ("telemetry", "status", "heartbeat", "command_reply", "oversized", "cross_topic")
+
+# Timer kinds.
+T_TELEMETRY, T_HEARTBEAT, T_STATUS, T_MISC, T_CONNECT_TIMEOUT, T_RECONNECT = range(6)
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_MAX_ERROR_SAMPLES = 50
+_LAG_RESERVOIR = 100_000
+_NO_FAULTS = Faults()
+
+
+class _SimClient(mqtt.Client):
+    """A paho client that takes an already connected (and TLS-handshaken) socket."""
+
+    sim_sock: Any = None
+
+    def _create_socket(self) -> SocketLike:
+        sock, self.sim_sock = self.sim_sock, None
+        if sock is None:
+            raise ConnectionError("no socket prepared for this client")
+        return sock  # type: ignore[no-any-return]
+
+
+class Device:
+    __slots__ = (
+        "acked",
+        "client",
+        "client_id",
+        "commands",
+        "connects",
+        "creds",
+        "cross_refused",
+        "cross_sent",
+        "fail_streak",
+        "failed",
+        "fd",
+        "gen",
+        "idx",
+        "inflight",
+        "interval",
+        "note",
+        "password",
+        "profile",
+        "rng",
+        "sent",
+        "seq",
+        "sock",
+        "state",
+        "t_cfg",
+        "t_cmd",
+        "t_hb",
+        "t_status",
+        "t_tel",
+        "unconfirmed",
+        "up_since",
+        "victim",
+        "wants",
+        "wrong_pw",
+    )
+
+    def __init__(self, idx: int, creds: DeviceCreds, interval: float, profile: Profile, rng: random.Random) -> None:
+        self.idx = idx
+        self.creds = creds
+        self.client_id = creds.username
+        self.password = creds.password
+        base = f"devices/{creds.device_id}"
+        self.t_tel, self.t_status, self.t_hb = f"{base}/telemetry", f"{base}/status", f"{base}/heartbeat"
+        self.t_cmd, self.t_cfg = f"{base}/command", f"{base}/config"
+        self.victim = ""
+        self.state = IDLE
+        self.sock: Any = None
+        self.fd = -1  # kept apart from sock.fileno(): paho may close the socket before we unregister it
+        self.client: _SimClient | None = None
+        self.gen = 0
+        self.wants = 0
+        self.interval = interval
+        self.profile = profile
+        self.rng = rng
+        self.seq = 0
+        self.inflight: dict[int, int] = {}
+        self.sent = self.acked = self.failed = self.unconfirmed = 0
+        self.cross_sent = self.cross_refused = 0
+        self.connects = self.commands = 0
+        self.fail_streak = 0
+        self.wrong_pw = False
+        self.note = ""  # why the current connection ended, when we already know (avoids double counting)
+        self.up_since = 0.0
+
+
+@dataclass
+class Snapshot:
+    elapsed: float
+    connected: int
+    count: int
+    sent: int
+    acked: int
+    errors: int
+    rate: float
+
+
+class Simulator:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        progress: Callable[[Snapshot], None] | None = None,
+        progress_every: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ssl_context
+        self.progress = progress
+        self.progress_every = progress_every
+        # Simulation noise, not secrets: a seeded PRNG makes a run reproducible with --seed.
+        self.rng = random.Random(cfg.seed)  # noqa: S311
+        infos = socket.getaddrinfo(cfg.broker.host, cfg.broker.port, type=socket.SOCK_STREAM)
+        self.family: socket.AddressFamily = infos[0][0]
+        self.addr: Any = infos[0][4]
+        self.protocol = MQTTProtocolVersion.MQTTv5 if cfg.mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
+        self.sel = selectors.DefaultSelector()
+        self.devices: list[Device] = []
+        interval = cfg.device_interval
+        for i, creds in enumerate(cfg.devices):
+            rng = random.Random(self.rng.getrandbits(64))  # noqa: S311
+            dev = Device(i, creds, interval, make_profile(cfg.profile, rng, creds.device_id, cfg.template), rng)
+            self.devices.append(dev)
+        for i, dev in enumerate(self.devices):
+            dev.victim = f"devices/{self.devices[(i + 1) % len(self.devices)].creds.device_id}/telemetry"
+        self.by_fd: dict[int, Device] = {}
+        self.timers: list[tuple[float, int, int, Device, int]] = []
+        self._tseq = 0
+        self.connect_queue: collections.deque[Device] = collections.deque()
+        self.pending = 0  # devices in TCP/TLS/MQTT
+        self.inflight_total = 0
+        self.stop_requested = False
+        self.abort_requested = False
+        self.stopping = False
+        # Counters.
+        self.kind_sent = [0] * len(KIND_NAMES)
+        self.kind_acked = [0] * len(KIND_NAMES)
+        self.kind_failed = [0] * len(KIND_NAMES)
+        self.c: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.error_samples: list[dict[str, Any]] = []
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.connected = 0
+        self.connected_max = 0
+        self.lag_max = 0.0
+        self.lag_samples: list[float] = []
+        self.lag_n = 0
+        self.t0 = 0.0
+        self.wall0 = 0.0
+        self.all_connected_at: float | None = None
+        self.cpu_mark: tuple[float, float] | None = None
+        self.cpu_end: tuple[float, float] | None = None
+        self.end_publishing = 0.0
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _at(self, when: float, kind: int, dev: Device) -> None:
+        self._tseq += 1
+        heapq.heappush(self.timers, (when, self._tseq, kind, dev, dev.gen))
+
+    def _jittered(self, base: float, rng: random.Random) -> float:
+        j = self.cfg.jitter
+        return base * (1.0 + rng.uniform(-j, j)) if j else base
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _error(self, dev: Device | None, kind: str, detail: str = "") -> None:
+        self.errors[kind] += 1
+        if len(self.error_samples) < _MAX_ERROR_SAMPLES:
+            self.error_samples.append(
+                {
+                    "t": round(time.monotonic() - self.t0, 3),
+                    "device": dev.creds.device_id if dev else None,
+                    "error": kind,
+                    "detail": detail,
+                }
+            )
+
+    @property
+    def error_total(self) -> int:
+        return sum(self.errors.values())
+
+    def _set_interest(self, dev: Device, events: int) -> None:
+        if events == dev.wants:
+            return
+        fd = dev.fd
+        if dev.wants == 0:
+            self.sel.register(fd, events, dev)
+            self.by_fd[fd] = dev
+        elif events == 0:
+            self.sel.unregister(fd)
+            self.by_fd.pop(fd, None)
+        else:
+            self.sel.modify(fd, events, dev)
+        dev.wants = events
+
+    def _unregister(self, dev: Device) -> None:
+        # Always called before this process opens another socket, so dev.fd cannot have been reused yet;
+        # epoll forgets a closed fd by itself and the selector ignores that OSError.
+        if dev.wants:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(dev.fd)
+            self.by_fd.pop(dev.fd, None)
+        dev.wants = 0
+
+    # -- connecting --------------------------------------------------------------------------
+
+    def _start_connect(self, dev: Device, now: float) -> None:
+        dev.gen += 1
+        dev.state = TCP
+        dev.note = ""
+        self.pending += 1
+        self.c["connect_attempts"] += 1
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dev.sock = sock
+        dev.fd = sock.fileno()
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self._fail(dev, "connect", os.strerror(err))
+            return
+        self._set_interest(dev, _WRITE)
+        self._at(now + self.cfg.connect_timeout, T_CONNECT_TIMEOUT, dev)
+
+    def _on_tcp(self, dev: Device) -> None:
+        err = dev.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(dev, "connect", os.strerror(err))
+            return
+        if self.ctx is None:
+            self._start_mqtt(dev)
+            return
+        # wrap_socket takes over the same fd, so the selector registration stays valid.
+        dev.sock = self.ctx.wrap_socket(dev.sock, server_hostname=self.cfg.broker.host, do_handshake_on_connect=False)
+        dev.state = TLS
+        self._handshake(dev)
+
+    def _handshake(self, dev: Device) -> None:
+        try:
+            dev.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_interest(dev, _READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_interest(dev, _WRITE)
+            return
+        except ssl.SSLCertVerificationError as exc:
+            self._fail(dev, "tls", f"certificate verify failed: {exc.verify_message}")
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._fail(dev, "tls", str(getattr(exc, "reason", None) or exc))
+            return
+        self._start_mqtt(dev)
+
+    def _start_mqtt(self, dev: Device) -> None:
+        cfg = self.cfg
+        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
+        client = _SimClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=dev.client_id,
+            protocol=self.protocol,
+            clean_session=None if v5 else True,
+            userdata=dev,
+            reconnect_on_failure=False,
+        )
+        dev.wrong_pw = bool(cfg.faults.wrong_credentials) and dev.rng.random() < cfg.faults.wrong_credentials
+        if dev.wrong_pw:
+            self.faults["wrong_credentials"] += 1
+        client.username_pw_set(dev.creds.username, dev.password + "-wrong" if dev.wrong_pw else dev.password)
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        if v5:
+            client.connect_async(cfg.broker.host, cfg.broker.port, cfg.keepalive, clean_start=True)
+        else:
+            client.connect_async(cfg.broker.host, cfg.broker.port, cfg.keepalive)
+        client.sim_sock = dev.sock
+        dev.client = client
+        dev.state = MQTT
+        try:
+            client.reconnect()  # sends CONNECT on our socket
+        except OSError as exc:
+            self._fail(dev, "connect", str(exc))
+            return
+        self._after_io(dev)
+
+    # -- paho callbacks (run inside loop_read/loop_write on this thread) -----------------------
+
+    def _on_connect(self, client: mqtt.Client, dev: Device, flags: Any, rc: ReasonCode, props: Any) -> None:
+        if client is not dev.client:
+            return
+        if rc.is_failure:
+            if dev.wrong_pw:
+                self.c["auth_refused_injected"] += 1
+                dev.note = "wrong-credentials"
+            else:
+                dev.note = "refused"
+                self._error(dev, f"connack: {rc.getName()}")
+            return
+        if dev.wrong_pw:
+            self._error(dev, "wrong password accepted by the broker")
+        now = time.monotonic()
+        dev.state = UP
+        dev.up_since = now
+        dev.connects += 1
+        dev.fail_streak = 0
+        self.pending -= 1
+        self.connected += 1
+        self.connected_max = max(self.connected_max, self.connected)
+        self.c["connects"] += 1
+        if self.connected == len(self.devices) and self.all_connected_at is None:
+            self.all_connected_at = now
+        client.subscribe([(dev.t_cmd, 1), (dev.t_cfg, 1)])
+        self._publish(dev, dev.t_status, self._status(dev, "online"), K_STATUS)
+        rng = dev.rng
+        self._at(now + rng.uniform(0, dev.interval), T_TELEMETRY, dev)
+        self._at(now + rng.uniform(0, self.cfg.heartbeat_interval), T_HEARTBEAT, dev)
+        self._at(now + self._jittered(self.cfg.status_interval, rng), T_STATUS, dev)
+        self._at(now + self.cfg.keepalive / 3, T_MISC, dev)
+
+    def _on_publish(self, client: mqtt.Client, dev: Device, mid: int, rc: ReasonCode, props: Any) -> None:
+        kind = dev.inflight.pop(mid, None)
+        if kind is None or client is not dev.client:
+            return
+        self.inflight_total -= 1
+        self._settle(dev, kind, rc)
+
+    def _settle(self, dev: Device, kind: int, rc: ReasonCode | None) -> None:
+        failure = rc is not None and rc.is_failure
+        if kind == K_CROSS:
+            if failure:
+                self.c["acl_refused"] += 1
+                dev.cross_refused += 1
+            elif self.protocol == MQTTProtocolVersion.MQTTv5:
+                self._error(dev, "broker accepted a publish on another device's topic", dev.victim)
+                self.c["acl_accepted"] += 1
+            else:
+                self.c["acl_unconfirmed"] += 1
+            return
+        if failure:
+            assert rc is not None
+            dev.failed += 1
+            self.kind_failed[kind] += 1
+            if kind == K_OVERSIZED:
+                self.c["oversized_refused"] += 1  # the broker enforcing its size limit is expected
+            else:
+                self._error(dev, f"puback: {rc.getName()}", KIND_NAMES[kind])
+            return
+        dev.acked += 1
+        self.kind_acked[kind] += 1
+
+    def _on_subscribe(self, client: mqtt.Client, dev: Device, mid: int, rcs: list[ReasonCode], props: Any) -> None:
+        if client is dev.client and any(rc.is_failure for rc in rcs):
+            self._error(dev, "subscribe refused", ", ".join(rc.getName() for rc in rcs))
+
+    def _on_disconnect(self, client: mqtt.Client, dev: Device, flags: Any, rc: ReasonCode, props: Any) -> None:
+        if client is dev.client and not dev.note and rc is not None and rc.value != 0:
+            dev.note = f"lost: {rc.getName()}"
+
+    def _on_message(self, client: mqtt.Client, dev: Device, msg: mqtt.MQTTMessage) -> None:
+        if client is not dev.client or self.stopping:
+            return
+        leaf = msg.topic.rsplit("/", 1)[-1]
+        self.c[f"{leaf}_received"] += 1
+        ts = int(time.time() * 1000)
+        try:
+            body = json.loads(msg.payload)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            answer = {"ts": ts, "type": f"{leaf}_response", "result": "error", "detail": f"malformed {leaf}"}
+            self._publish(dev, dev.t_status, dumps(answer), K_REPLY)
+            return
+        ident = body.get("id")
+        if leaf == "command":
+            dev.commands += 1
+            name = body.get("command", body.get("name"))
+            answer = {
+                "ts": ts,
+                "type": "command_response",
+                "id": ident,
+                "command": name,
+                "device_id": dev.creds.device_id,
+            }
+            if name == "ping":
+                answer.update(result="ok", detail="pong")
+            elif name == "report":
+                answer.update(result="ok", detail="telemetry sent")
+                self._telemetry(dev, faults=False)  # no fault here: it could close the socket paho is reading
+            else:
+                answer.update(result="error", detail=f"unknown command {name!r} (known: ping, report)")
+        else:
+            answer = {"ts": ts, "type": "config_response", "id": ident, "device_id": dev.creds.device_id}
+            interval = body.get("telemetry_interval")
+            if isinstance(interval, int | float) and 0.05 <= interval <= 86400:
+                dev.interval = float(interval)
+                answer.update(result="ok", telemetry_interval=interval)
+            else:
+                answer.update(result="error", detail='expected {"telemetry_interval": seconds (0.05..86400)}')
+        self.c[f"{leaf}_answered"] += 1
+        self._publish(dev, dev.t_status, dumps(answer), K_REPLY)
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    def _after_io(self, dev: Device) -> None:
+        client = dev.client
+        if client is None:
+            return
+        if client.socket() is None:  # paho closed it: error, refused CONNACK, or our DISCONNECT went out
+            self._gone(dev)
+            return
+        self._set_interest(dev, _READ | _WRITE if client.want_write() else _READ)
+
+    def _on_event(self, dev: Device, mask: int) -> None:
+        st = dev.state
+        if st == TCP:
+            self._on_tcp(dev)
+        elif st == TLS:
+            self._handshake(dev)
+        elif st in (MQTT, UP):
+            client = dev.client
+            assert client is not None
+            try:
+                if mask & _READ:
+                    client.loop_read()
+                    # TLS may hold whole records already decrypted: epoll will not wake us for them.
+                    tls = self.ctx is not None
+                    while tls and client.socket() is not None and dev.sock.pending():
+                        client.loop_read()
+                if mask & _WRITE and client.socket() is not None:
+                    client.loop_write()
+            except (OSError, ValueError) as exc:
+                dev.note = dev.note or f"lost: {exc}"
+                self._drop(dev)
+                self._gone(dev)
+                return
+            self._after_io(dev)
+
+    def _fail(self, dev: Device, stage: str, detail: str) -> None:
+        """A connection attempt failed before the broker said anything."""
+        dev.note = "failed"
+        self._error(dev, f"{stage}: {detail}")
+        self._drop(dev)
+        self._gone(dev)
+
+    def _drop(self, dev: Device) -> None:
+        """Close the socket without an MQTT DISCONNECT: what a network loss looks like to the broker."""
+        self._unregister(dev)
+        if dev.sock is not None:
+            with contextlib.suppress(OSError):
+                dev.sock.close()
+
+    def _gone(self, dev: Device) -> None:
+        """The connection is over (whoever closed it): account for it and decide what comes next."""
+        self._unregister(dev)
+        if dev.sock is not None:
+            with contextlib.suppress(OSError):
+                dev.sock.close()
+        was = dev.state
+        if was == UP:
+            self.connected -= 1
+        elif was in (TCP, TLS, MQTT):
+            self.pending -= 1
+        if dev.inflight:
+            for kind in dev.inflight.values():
+                if kind == K_CROSS:
+                    self.c["cross_unconfirmed"] += 1
+                else:
+                    dev.unconfirmed += 1
+                    self.c["unconfirmed"] += 1
+            self.inflight_total -= len(dev.inflight)
+            dev.inflight = {}
+        dev.client = None
+        dev.sock = None
+        dev.gen += 1  # every timer of the old connection becomes stale
+        note, dev.note = dev.note, ""
+        if note == "":
+            self._error(dev, "connection closed by the broker" if was == UP else "closed before CONNACK")
+        elif note.startswith("lost:"):
+            self._error(dev, "connection lost", note[5:].strip())
+        if self.stopping:
+            dev.state = DONE
+            return
+        dev.state = IDLE
+        now = time.monotonic()
+        if note.startswith("fault:"):
+            return  # the fault scheduled the reconnect itself
+        if note == "wrong-credentials":
+            self._at(now + dev.rng.uniform(0.2, 1.0), T_RECONNECT, dev)
+            return
+        self.c["reconnects_scheduled"] += 1
+        dev.fail_streak += 1
+        delay = min(30.0, 0.5 * 2 ** min(dev.fail_streak, 6)) * dev.rng.uniform(0.5, 1.5)
+        self._at(now + delay, T_RECONNECT, dev)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _publish(self, dev: Device, topic: str, payload: bytes, kind: int, qos: int | None = None) -> None:
+        client = dev.client
+        if client is None or dev.state != UP:
+            return
+        q = self.cfg.qos if qos is None else qos
+        info = client.publish(topic, payload, q)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self._error(dev, f"publish: {mqtt.error_string(info.rc)}")
+            return
+        self.kind_sent[kind] += 1
+        if kind == K_CROSS:
+            dev.cross_sent += 1
+        else:
+            dev.sent += 1
+        if q == 0 and info.is_published():  # QoS 0: "acknowledged" means written to the socket
+            self._settle(dev, kind, None)
+        else:
+            dev.inflight[info.mid] = kind
+            self.inflight_total += 1
+
+    def _status(self, dev: Device, state: str) -> bytes:
+        now = time.monotonic()
+        return dumps(
+            {
+                "ts": int(time.time() * 1000),
+                "state": state,
+                "fw": "simulator/1",
+                "uptime_s": round(now - dev.up_since) if dev.up_since else 0,
+                "rssi": dev.rng.randint(-90, -50),
+            }
+        )
+
+    def _telemetry(self, dev: Device, *, faults: bool = True) -> None:
+        f = self.cfg.faults if faults else _NO_FAULTS
+        rng = dev.rng
+        if f.offline and rng.random() < min(1.0, f.offline * dev.interval / 60.0):
+            self.faults["offline"] += 1
+            self._fault_drop(dev, time.monotonic() + rng.uniform(*f.offline_seconds))
+            return
+        dev.seq += 1
+        ts = int(time.time() * 1000)
+        if f.clock_skew and rng.random() < f.clock_skew:
+            self.faults["clock_skew"] += 1
+            ts += int(rng.choice((-1, 1)) * f.skew_seconds * 1000)
+        kind = K_TELEMETRY
+        if f.malformed and rng.random() < f.malformed:
+            self.faults["malformed"] += 1
+            payload = malformed(rng, ts)
+        elif f.oversized and rng.random() < f.oversized:
+            self.faults["oversized"] += 1
+            payload = oversized(ts, f.oversized_bytes)
+            kind = K_OVERSIZED
+        else:
+            payload = dumps(dev.profile.telemetry(ts, dev.seq))
+        self._publish(dev, dev.t_tel, payload, kind)
+        if f.duplicate and rng.random() < f.duplicate:
+            self.faults["duplicate"] += 1
+            self._publish(dev, dev.t_tel, payload, kind)
+        if f.cross_topic and rng.random() < f.cross_topic:
+            self.faults["cross_topic"] += 1
+            body = {"ts": ts, "temperature": 99.9, "sim_fault": "cross_topic", "sim_from": dev.creds.device_id}
+            self._publish(dev, dev.victim, dumps(body), K_CROSS, qos=1)
+
+    def _fault_drop(self, dev: Device, reconnect_at: float) -> None:
+        dev.note = "fault:drop"
+        self._drop(dev)
+        self._gone(dev)
+        self._at(reconnect_at, T_RECONNECT, dev)
+
+    def _storm(self, now: float) -> None:
+        self.faults["storm"] += 1
+        for dev in self.devices:
+            if dev.state == UP:
+                dev.note = "fault:storm"
+                self._drop(dev)
+                self._gone(dev)
+                self.connect_queue.append(dev)  # the ramp shapes how fast they come back
+
+    def _fire(self, kind: int, dev: Device, due: float, now: float) -> None:
+        if kind == T_RECONNECT:
+            if dev.state == IDLE:
+                self.connect_queue.append(dev)
+            return
+        if kind == T_CONNECT_TIMEOUT:
+            if dev.state in (TCP, TLS, MQTT):
+                self._fail(dev, "connect timeout", _STATE_NAMES[dev.state])
+            return
+        if dev.state != UP:
+            return
+        if kind == T_TELEMETRY:
+            lag = now - due
+            self._record_lag(lag)
+            # Keep the cadence anchored on the schedule, unless we fell a whole interval behind.
+            base = due if lag < dev.interval else now
+            self._at(base + self._jittered(dev.interval, dev.rng), T_TELEMETRY, dev)
+            self._telemetry(dev)
+        elif kind == T_HEARTBEAT:
+            self._at(due + self._jittered(self.cfg.heartbeat_interval, dev.rng), T_HEARTBEAT, dev)
+            self._publish(dev, dev.t_hb, dumps({"ts": int(time.time() * 1000), "seq": dev.seq}), K_HEARTBEAT)
+        elif kind == T_STATUS:
+            self._at(due + self._jittered(self.cfg.status_interval, dev.rng), T_STATUS, dev)
+            self._publish(dev, dev.t_status, self._status(dev, "online"), K_STATUS)
+        elif kind == T_MISC:
+            self._at(now + self.cfg.keepalive / 3, T_MISC, dev)
+            client = dev.client
+            assert client is not None
+            client.loop_misc()  # keepalive PINGREQ, and the PINGRESP deadline
+            self._after_io(dev)
+            return
+        if dev.client is not None:
+            self._after_io(dev)
+
+    def _record_lag(self, lag: float) -> None:
+        self.lag_max = max(self.lag_max, lag)
+        self.lag_n += 1
+        if len(self.lag_samples) < _LAG_RESERVOIR:
+            self.lag_samples.append(lag)
+        else:
+            j = self.rng.randrange(self.lag_n)
+            if j < _LAG_RESERVOIR:
+                self.lag_samples[j] = lag
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _snapshot(self, now: float) -> Snapshot:
+        elapsed = now - self.t0
+        acked = self.kind_acked[K_TELEMETRY]
+        return Snapshot(
+            elapsed=elapsed,
+            connected=self.connected,
+            count=len(self.devices),
+            sent=sum(self.kind_sent),
+            acked=sum(self.kind_acked),
+            errors=self.error_total,
+            rate=acked / elapsed if elapsed > 0 else 0.0,
+        )
+
+    def _cpu(self) -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def _poll(self, timeout: float) -> None:
+        for key, mask in self.sel.select(timeout):
+            dev: Device = key.data
+            if dev.wants and key.fd == dev.fd:
+                self._on_event(dev, mask)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.t0 = now = time.monotonic()
+        self.wall0 = time.time()
+        self.connect_queue.extend(self.devices)
+        end = self.t0 + cfg.duration
+        storm_every = 60.0 / cfg.faults.storm if cfg.faults.storm else None
+        next_storm = self.t0 + storm_every if storm_every else float("inf")
+        next_progress = self.t0 + self.progress_every
+        tokens = 1.0
+        last = now
+        settle = 2.0  # steady CPU is measured from 2 s after everyone connected: TLS handshakes are over
+        while not self.stop_requested and now < end:
+            now = time.monotonic()
+            # Ramp: a token bucket of connections per second, and a cap on handshakes in progress.
+            if cfg.ramp:
+                tokens = min(max(1.0, cfg.ramp / 10), tokens + (now - last) * cfg.ramp)
+            last = now
+            queue = self.connect_queue
+            while queue and self.pending < cfg.max_pending and (tokens >= 1.0 or not cfg.ramp):
+                dev = queue.popleft()
+                if dev.state != IDLE:
+                    continue
+                tokens -= 1.0
+                self._start_connect(dev, now)
+            timers = self.timers
+            while timers and timers[0][0] <= now:
+                due, _, kind, dev, gen = heapq.heappop(timers)
+                if gen == dev.gen:
+                    self._fire(kind, dev, due, now)
+            if now >= next_storm:
+                next_storm += storm_every or float("inf")
+                self._storm(now)
+            if self.all_connected_at is not None and self.cpu_mark is None and now >= self.all_connected_at + settle:
+                self.cpu_mark = (now, self._cpu())
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + self.progress_every
+                self.progress(self._snapshot(now))
+            timeout = min(0.05, max(0.0, (timers[0][0] - now) if timers else 0.05), end - now)
+            if queue and self.pending < cfg.max_pending:
+                timeout = min(timeout, 1.0 / cfg.ramp if cfg.ramp else 0.0)
+            self._poll(max(0.0, timeout))
+            now = time.monotonic()
+        self.end_publishing = time.monotonic()
+        if self.cpu_mark is not None:
+            self.cpu_end = (self.end_publishing, self._cpu())
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Stop publishing, wait (bounded) for outstanding PUBACKs, then DISCONNECT everyone."""
+        self.stopping = True
+        deadline = time.monotonic() + (0 if self.abort_requested else self.cfg.drain_timeout)
+        while self.inflight_total > 0 and time.monotonic() < deadline and not self.abort_requested:
+            self._poll(0.05)
+        for dev in self.devices:
+            if dev.state == UP and dev.client is not None:
+                dev.note = "bye"
+                with contextlib.suppress(OSError):
+                    dev.client.disconnect()
+                if dev.client is not None:
+                    self._after_io(dev)
+        deadline = time.monotonic() + 1.0
+        while self.by_fd and time.monotonic() < deadline and not self.abort_requested:
+            self._poll(0.05)
+        for dev in self.devices:
+            if dev.state != DONE and dev.state != IDLE:
+                dev.note = dev.note or "bye"
+                self._drop(dev)
+                self._gone(dev)
+            dev.state = DONE
+        self.sel.close()
+
+    # -- results -----------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        cfg = self.cfg
+        elapsed = max(1e-9, self.end_publishing - self.t0)
+        lags = sorted(self.lag_samples)
+
+        def pct(p: float) -> float | None:
+            return round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 2) if lags else None
+
+        steady_cpu = None
+        if self.cpu_mark and self.cpu_end and self.cpu_end[0] - self.cpu_mark[0] >= 1.0:
+            steady_cpu = round(100 * (self.cpu_end[1] - self.cpu_mark[1]) / (self.cpu_end[0] - self.cpu_mark[0]), 1)
+        tele_acked = self.kind_acked[K_TELEMETRY] + self.kind_acked[K_OVERSIZED]
+        kinds = {
+            name: {"sent": self.kind_sent[i], "acked": self.kind_acked[i], "failed": self.kind_failed[i]}
+            for i, name in enumerate(KIND_NAMES)
+        }
+        devices = {
+            d.creds.device_id: {
+                "sent": d.sent,
+                "acked": d.acked,
+                "failed": d.failed,
+                "unconfirmed": d.unconfirmed,
+                "cross_sent": d.cross_sent,
+                "cross_refused": d.cross_refused,
+                "connects": d.connects,
+                "commands": d.commands,
+            }
+            for d in self.devices
+        }
+        never = [d.creds.device_id for d in self.devices if d.connects == 0]
+        return {
+            "broker": str(cfg.broker),
+            "mqtt_version": "5" if cfg.mqtt_version == 5 else "3.1.1",
+            "qos": cfg.qos,
+            "count": len(self.devices),
+            "rate_target": cfg.rate,
+            "duration_s": round(elapsed, 3),
+            "started_at": self.wall0,
+            "profile": cfg.profile,
+            "faults_configured": cfg.faults.active(),
+            "totals": {
+                "sent": sum(self.kind_sent[i] for i in range(len(KIND_NAMES)) if i != K_CROSS),
+                "acked": sum(self.kind_acked[i] for i in range(len(KIND_NAMES)) if i != K_CROSS),
+                "failed": sum(self.kind_failed[i] for i in range(len(KIND_NAMES)) if i != K_CROSS),
+                "unconfirmed": self.c["unconfirmed"],
+                "by_kind": kinds,
+                "connected_at_end": self.connected,
+                "connected_max": self.connected_max,
+                "never_connected": len(never),
+                **{k: v for k, v in sorted(self.c.items()) if k != "unconfirmed"},
+            },
+            "acl": {
+                "cross_topic_sent": self.kind_sent[K_CROSS],
+                "refused": self.c["acl_refused"],
+                "accepted": self.c["acl_accepted"],
+                "unconfirmed": self.c["acl_unconfirmed"] + self.c["cross_unconfirmed"],
+                "how": "MQTT 5 PUBACK reason code 0x87 (Not authorized)"
+                if cfg.mqtt_version == 5
+                else "not countable with MQTT 3.1.1 (the broker acknowledges and drops); use --mqtt 5",
+            },
+            "faults_injected": dict(sorted(self.faults.items())),
+            "timing": {
+                "all_connected_s": round(self.all_connected_at - self.t0, 3) if self.all_connected_at else None,
+                "achieved_rate": round(tele_acked / elapsed, 2),
+                "schedule_lag_ms": {"max": round(self.lag_max * 1000, 2), "p50": pct(0.5), "p99": pct(0.99)},
+                "steady_cpu_pct": steady_cpu,
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            },
+            "errors": {
+                "total": self.error_total,
+                "by_kind": dict(self.errors.most_common()),
+                "samples": self.error_samples,
+                "never_connected_sample": never[:20],
+            },
+            "devices": devices,
+        }
