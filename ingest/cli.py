@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ingest import migrate as migrations
 from ingest.dbconfig import ConfigError, add_db_arguments, connect_from_args
@@ -42,6 +44,54 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ingest import config
+    from ingest.service import run
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"ingest run: config error: {problem}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from ingest import config
+
+    if args.explain:
+        print(config.explain())
+        return 0
+    if args.config is None:
+        print("ingest check-config: error: --config is required (or set INGEST_CONFIG)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"{args.config}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print("Run `ingest check-config --explain` for every key, its type and default.", file=sys.stderr)
+        return 2
+    m = cfg.mqtt
+    print(f"{args.config}: ok")
+    print(
+        f"  broker   {'mqtts' if m.tls else 'mqtt'}://{m.host}:{m.port} as {m.username}, MQTT {m.protocol}, "
+        f"client id {m.client_id} (persistent session)"
+    )
+    print(f"  topics   {', '.join(m.topics())}")
+    print(
+        f"  batches  {cfg.ingest.batch_max_messages} messages / {cfg.ingest.batch_max_wait_ms} ms; broker "
+        f"in-flight window should be >= {2 * cfg.ingest.batch_max_messages}"
+    )
+    print(
+        f"  http     {cfg.http.host}:{cfg.http.port} (/healthz, /metrics"
+        f"{', POST /v1/devices/register' if cfg.api.enabled else ''})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingest",
@@ -66,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="list recorded migrations and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_cmd_migrate)
+
+    config_default = os.environ.get("INGEST_CONFIG")
+    p = sub.add_parser(
+        "run",
+        help="run the ingest service (MQTT -> database, HTTP health/metrics/registration)",
+        description="Subscribe to devices/+/{telemetry,status,heartbeat} with QoS 1 and a persistent session, "
+        "write batches to the database, acknowledge after commit. SIGTERM flushes and exits 0.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=config_default is None,
+        default=config_default,
+        help="TOML configuration file (default: $INGEST_CONFIG); see `ingest check-config --explain`",
+    )
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and explain every problem",
+        description="Parse and validate the TOML configuration (types, ranges, unknown keys, readable secret "
+        "files with safe modes) without connecting anywhere. Exit 0 when valid, 2 otherwise.",
+    )
+    p.add_argument("--config", type=Path, default=config_default, help="TOML configuration file")
+    p.add_argument("--explain", action="store_true", help="print every key with its type, default and meaning")
+    p.set_defaults(handler=_cmd_check_config)
     return parser
 
 
