@@ -10,6 +10,7 @@ packages=(
   mosquitto mosquitto-clients                        # real MQTT broker for integration tests
   openssl ca-certificates
   docker-compose shellcheck openssh-server systemd debootstrap   # deploy validators + chroot test
+  prometheus prometheus-alertmanager rsync           # promtool/amtool validators, backup off-site test
 )
 
 if [ "$(id -u)" -ne 0 ]; then
