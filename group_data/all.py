@@ -104,10 +104,11 @@ emqx_cluster_name = "telemetry"
 emqx_dashboard_port = 18083
 # How many connections the TLS listeners accept (per node).
 emqx_max_connections = 500000
-# Password hashing EMQX applies to device_credentials; MUST match what provisioning writes.
+# Password hashing EMQX applies to device_credentials; MUST match what provisioning writes (its
+# default, see README and ingest/hashing.py; tests/unit/test_roles_broker_emqx.py checks they agree).
 # Spec format (ingest/hashing.py): "<simple>[:<salt_position>]", "pbkdf2:<mac_fun>:<iterations>[:<dk_length>]",
 # "bcrypt[:<rounds>]".
-emqx_password_hash = "pbkdf2:sha256:10000:32"  # noqa: S105 -- an algorithm, not a password
+emqx_password_hash = "sha256:prefix"  # noqa: S105 -- an algorithm, not a password
 # Connection pool from each EMQX node to PostgreSQL for authn/authz queries.
 emqx_db_pool_size = 8
 # Login users the broker and ingest use (members of the group roles the migrations create).

@@ -11,7 +11,7 @@ from roles._base import RoleError
 from roles.broker_emqx import broker_emqx, password_hash_hocon
 from roles.stack import compose_project  # noqa: F401 -- the role's unit comes from here
 from tests.support import deploy_validators as v
-from tests.support.deploy_fake import in_group, run_deploys
+from tests.support.deploy_fake import in_group, load_inventory_data, run_deploys
 
 D = "/srv/telemetry/emqx"
 
@@ -48,7 +48,7 @@ def test_prod_files_pass_the_contract(prod: dict[str, str], tmp_path: Path) -> N
     assert conf.get("listeners.wss.default.bind") == "0.0.0.0:8084"
     assert conf.get("listeners.ws.default.enable") is False
     assert conf.get("mqtt.max_inflight") >= 2 * 500
-    assert conf.get("authentication")[0]["password_hash_algorithm"]["name"] == "pbkdf2"
+    assert conf.get("authentication")[0]["password_hash_algorithm"]["name"] == "sha256"
     v.compose_env_escaped(prod[f"{D}/compose.yaml"])
     v.compose_config_ok(project_files(prod), tmp_path)
 
@@ -125,3 +125,10 @@ def test_bad_settings_are_refused() -> None:
         run_deploys("prod", [broker_emqx], override={"emqx_node_short_name": "emqx1"})
     with pytest.raises(RoleError, match="emqx_password_hash"):
         run_deploys("prod", [broker_emqx], override={"emqx_password_hash": "rot13"})
+
+
+def test_broker_hash_matches_the_provisioning_default() -> None:
+    from ingest.hashing import DEFAULT_ALGORITHM
+
+    ((_, data),) = load_inventory_data("prod").values()
+    assert data["emqx_password_hash"] == DEFAULT_ALGORITHM.spec
