@@ -424,11 +424,16 @@ def preflight(cfg: RunConfig, ctx: ssl.SSLContext | None, timeout: float, from_d
             rest = _recv_exact(sock, length) if length else b""
         except TimeoutError:
             raise BadInput(f"broker {where} accepted the connection but sent no CONNACK within {timeout:g}s") from None
-        except ssl.SSLError as exc:
-            raise BadInput(f"TLS: the broker at {where} closed the connection: {_ssl_reason(exc)}") from None
-        except OSError as exc:
-            hint = " (is it an MQTT listener? TLS or plain as in the URL?)" if not isinstance(exc, ssl.SSLError) else ""
-            raise BadInput(f"broker {where} dropped the MQTT connection: {exc}{hint}") from None
+        except OSError as exc:  # ssl.SSLError included
+            # A broker that demands a client certificate closes the TLS connection right after the
+            # handshake (TLS 1.3 finishes the client side first), often without an alert.
+            if ctx is not None and cfg.cert is None:
+                hint = " (does the broker require a client certificate? pass --cert/--key)"
+            elif ctx is None:
+                hint = " (is this a TLS listener? use mqtts://)"
+            else:
+                hint = ""
+            raise BadInput(f"broker {where} closed the connection before CONNACK: {_ssl_reason(exc)}{hint}") from None
         if first[0] != 0x20 or len(rest) < 2:
             raise BadInput(f"broker {where} answered CONNECT with something other than CONNACK")
         code = rest[1]
@@ -450,11 +455,7 @@ def preflight(cfg: RunConfig, ctx: ssl.SSLContext | None, timeout: float, from_d
 
 
 def _ssl_reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    text = str(reason or exc)
-    if "CERTIFICATE_REQUIRED" in text.upper() or "HANDSHAKE_FAILURE" in text.upper():
-        text += " (does the broker require a client certificate? pass --cert/--key)"
-    return text
+    return str(getattr(exc, "reason", None) or exc)
 
 
 # -- progress ----------------------------------------------------------------------------------------
