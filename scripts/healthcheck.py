@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from ingest import dbconfig
 from ingest.provision_cli import write_atomic
@@ -331,6 +332,20 @@ def run_checks(config: common.Config, readings: Readings, now: dt.datetime, only
     return results
 
 
+def write_metrics(directory: Path, results: list[CheckResult], now: dt.datetime) -> None:
+    """Node-exporter textfile: each check's level, and certificate expiry as a timestamp, so that
+    Prometheus alerts on certificates without a blackbox exporter (rules in templates/monitoring)."""
+    registry = CollectorRegistry()
+    status = Gauge("telemetry_health_check_status", "0 ok, 1 warning, 2 critical", ["check"], registry=registry)
+    expiry = Gauge("telemetry_cert_not_after_timestamp_seconds", "Certificate expiry", ["path"], registry=registry)
+    for r in results:
+        status.labels(r.name).set(_RANK[r.status])
+        if r.name.startswith("cert:") and r.value is not None:
+            expiry.labels(r.name[5:]).set(now.timestamp() + r.value * 86400)
+    Gauge("telemetry_health_last_run_timestamp_seconds", "Last healthcheck run", registry=registry).set(now.timestamp())
+    write_atomic(Path(directory) / "telemetry_health.prom", generate_latest(registry).decode(), 0o644)
+
+
 # --- alerting ----------------------------------------------------------------------------------
 
 
@@ -425,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.warning("%s %s: %s (%s)", kind, r.name, r.detail, "delivered" if delivered else "NOT delivered")
         state_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(state_path, json.dumps(state, indent=1, sort_keys=True) + "\n", 0o640)
+    if health.get("textfile_dir"):
+        write_metrics(Path(health["textfile_dir"]), results, now)
     for r in results:
         (logger.info if r.status in (OK, SKIP) else logger.warning)("%s %s: %s", r.name, r.status, r.detail)
     status = {0: OK, 1: WARN, 2: CRIT}[worst]
