@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=_duration, default=60.0, help="how long to publish (default 60s)")
     g.add_argument("--ramp", type=_number, default=1000.0, help="new connections per second, also after a "
                    "storm (default 1000; 0 = as fast as the broker accepts)")  # fmt: skip
+    g.add_argument("--max-pending", type=_integer, default=64, help="connection attempts in flight at once "
+                   "(TCP, TLS, CONNACK); keep it under the broker's listen backlog (default 64)")  # fmt: skip
     g.add_argument("--heartbeat-interval", type=_duration, default=30.0, help="default 30s")
     g.add_argument("--status-interval", type=_duration, default=300.0, help="default 300s (and on every connect)")
     g.add_argument("--jitter", type=_number, default=0.1, help="schedule jitter as a fraction of the period (0.1)")
@@ -262,6 +264,7 @@ def _config(args: argparse.Namespace, devices: list[DeviceCreds]) -> RunConfig:
         mqtt_version=5 if args.mqtt == "5" else 4,
         qos=args.qos,
         ramp=args.ramp,
+        max_pending=args.max_pending,
         heartbeat_interval=args.heartbeat_interval,
         status_interval=args.status_interval,
         jitter=args.jitter,

@@ -91,7 +91,7 @@ class RunConfig:
     mqtt_version: int = 5  # 4 = MQTT 3.1.1, 5 = MQTT 5
     qos: int = 1
     ramp: float = 1000.0  # new connections per second; 0 = as fast as possible
-    max_pending: int = 256  # connections in TCP/TLS/CONNACK at once (the broker's listen backlog)
+    max_pending: int = 64  # connections in TCP/TLS/CONNACK at once (the broker's listen backlog)
     heartbeat_interval: float = 30.0
     status_interval: float = 300.0
     jitter: float = 0.1
@@ -132,6 +132,8 @@ class RunConfig:
             raise BadInput(f"--duration {self.duration:g}s is out of range (0 < duration <= 7 days)")
         if self.ramp < 0:
             raise BadInput("--ramp must be >= 0 connections/s (0 = unlimited)")
+        if not 1 <= self.max_pending <= 10_000:
+            raise BadInput("--max-pending must be 1..10000")
         if self.qos not in (0, 1):
             raise BadInput("--qos must be 0 or 1")
         if not 0 <= self.jitter < 1:
