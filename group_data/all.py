@@ -147,3 +147,36 @@ database_max_connections = 200
 database_allowed_networks = []
 # ingest CLI on the host (installed by the ingest role) that applies the schema migrations.
 ingest_bin = "/opt/telemetry/venv/bin/ingest"
+
+# === nginx and certbot (roles/nginx.py, roles/certbot.py; docs/tls.md) ================================
+# Names the HTTPS certificates cover; empty means the host's fqdn. The first one names the lineages.
+tls_domains = []
+# ACME directory: "letsencrypt", "letsencrypt-staging" (untrusted certificates, generous rate limits)
+# or the URL of any ACME server (a test server such as Pebble).
+acme_server = "letsencrypt"
+# Contact address of the ACME account (expiry warnings); empty registers without one.
+acme_email = ""
+# Folder nginx serves at /.well-known/acme-challenge/ on port 80 (HTTP-01 challenges, no downtime).
+acme_webroot = "/var/www/acme"
+# Where nginx reads its two certificates (ecdsa/ and rsa/): self-signed until the first issuance,
+# then copies the certbot deploy hook installs after `nginx -t` accepts them.
+nginx_tls_dir = "/etc/nginx/tls"
+# The ingest service's HTTP API (provisioning, health) nginx proxies /v1/ and /healthz to; the same
+# address as the `listen` of the ingest service's [http] config.
+ingest_http_address = "127.0.0.1:8081"
+# API requests per second per client address. A client may spend one second's allowance at once
+# (burst = rate - 1), so the (rate + 1)-th request within a second is refused with 429.
+nginx_api_rate = 10
+# Strict-Transport-Security max-age in seconds (2 years; HSTS preload asks for at least 1).
+nginx_hsts_max_age = 63072000
+# OCSP stapling: used when the chain names an OCSP responder (Let's Encrypt stopped in 2025; nginx
+# then logs that stapling is ignored). The resolvers let nginx reach the responder.
+nginx_ocsp_stapling = True
+nginx_resolvers = ["1.1.1.1", "9.9.9.9"]
+# EMQX dashboard through nginx: a path such as "/emqx/" served only to the networks (CIDR) in the
+# allowlist. Empty path (the default): not public; use an SSH tunnel to 127.0.0.1:emqx_dashboard_port.
+nginx_emqx_dashboard_path = ""
+nginx_emqx_dashboard_allow = []
+# Which lineage the MQTT listeners serve (one certificate per broker listener): "rsa" or "ecdsa".
+# RSA by default because some device TLS stacks (older cellular modules) lack ECDSA.
+broker_tls_key_type = "rsa"

@@ -14,6 +14,7 @@ from roles.broker_mosquitto import broker_mosquitto
 from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.docker import docker
+from roles.nginx import nginx
 
 Deploy = Callable[[], Any]
 
@@ -51,6 +52,14 @@ def docker_roles(host: Host) -> list[Deploy]:
     return [docker] if wanted else []
 
 
+def web_roles(host: Host) -> list[Deploy]:
+    """nginx (and certbot) where the API is served or the broker needs a certificate."""
+    if not {"brokers", "ingest"} & set(host.groups):
+        return []
+    return [nginx]
+
+
 def all_roles(host: Host) -> list[Deploy]:
-    """Base first (firewall, users), then Docker, then the database the broker authenticates against."""
-    return [base, *docker_roles(host), *database_roles(host), *broker_roles(host)]
+    """Base first (firewall, users), then Docker, then the database the broker authenticates against;
+    certificates before the broker, which reads them at start."""
+    return [base, *docker_roles(host), *database_roles(host), *web_roles(host), *broker_roles(host)]

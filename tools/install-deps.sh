@@ -11,6 +11,7 @@ packages=(
   openssl ca-certificates
   docker-compose shellcheck openssh-server systemd debootstrap   # deploy validators + chroot test
   prometheus prometheus-alertmanager rsync           # promtool/amtool validators, backup off-site test
+  nginx pebble certbot logrotate                     # TLS front end, ACME flow, log rotation tests
 )
 
 if [ "$(id -u)" -ne 0 ]; then
