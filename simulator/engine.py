@@ -429,25 +429,21 @@ class Simulator:
         leaf = msg.topic.rsplit("/", 1)[-1]
         self.c[f"{leaf}_received"] += 1
         ts = int(time.time() * 1000)
+        # Answers go to the status topic, so they carry the device's status too (ingest requires it).
+        base: dict[str, Any] = {"ts": ts, "status": "online", "device_id": dev.creds.device_id}
         try:
             body = json.loads(msg.payload)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
-            answer = {"ts": ts, "type": f"{leaf}_response", "result": "error", "detail": f"malformed {leaf}"}
+            answer = {**base, "type": f"{leaf}_response", "result": "error", "detail": f"malformed {leaf}"}
             self._publish(dev, dev.t_status, dumps(answer), K_REPLY)
             return
         ident = body.get("id")
         if leaf == "command":
             dev.commands += 1
             name = body.get("command", body.get("name"))
-            answer = {
-                "ts": ts,
-                "type": "command_response",
-                "id": ident,
-                "command": name,
-                "device_id": dev.creds.device_id,
-            }
+            answer = {**base, "type": "command_response", "id": ident, "command": name}
             if name == "ping":
                 answer.update(result="ok", detail="pong")
             elif name == "report":
@@ -456,7 +452,7 @@ class Simulator:
             else:
                 answer.update(result="error", detail=f"unknown command {name!r} (known: ping, report)")
         else:
-            answer = {"ts": ts, "type": "config_response", "id": ident, "device_id": dev.creds.device_id}
+            answer = {**base, "type": "config_response", "id": ident}
             interval = body.get("telemetry_interval")
             if isinstance(interval, int | float) and 0.05 <= interval <= 86400:
                 dev.interval = float(interval)
@@ -586,7 +582,7 @@ class Simulator:
         return dumps(
             {
                 "ts": int(time.time() * 1000),
-                "state": state,
+                "status": state,  # the ingest service stores this string as the device's status
                 "fw": "simulator/1",
                 "uptime_s": round(now - dev.up_since) if dev.up_since else 0,
                 "rssi": dev.rng.randint(-90, -50),

@@ -345,3 +345,57 @@ def test_missing_credentials_file(tmp_path: Path) -> None:
     _bad(
         ["run", "--broker", "mqtt://127.0.0.1:1", "--devices", str(tmp_path / "nope.json")], "no such file", "nope.json"
     )
+
+
+# -- with the ingest service: faults land as rejections, never as data -----------------------------
+
+
+def test_malformed_and_cross_topic_never_become_data_in_ingest(
+    migrated_dsn: str, role_dsn: Any, mosquitto_factory: MosquittoFactory, pki: PkiFiles, tmp_path: Path
+) -> None:
+    from ingest.schema import ROLE_INGEST
+    from tests.support.ingest_proc import provision_env
+
+    broker = mosquitto_factory(max_queued_messages=100_000)
+    ids = [f"ing-{i:02d}" for i in range(20)]
+    env = provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, ids)
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps([{"device_id": d, "username": d, "password": pw} for d, pw in env.devices.items()]))
+    ingest = env.process()
+    ingest.start()
+    try:
+        report_path = tmp_path / "report.json"
+        proc = start(
+            [*tls_args(broker, creds, pki), "--duration", "6s", "--interval", "0.5s", "--fault-malformed", "0.2",
+             "--fault-cross-topic", "0.2", "--seed", "3", "--report", str(report_path)],
+            uuid.uuid4().hex,
+        )  # fmt: skip
+        rc, _, err = finish(proc, timeout=60)
+        assert rc == 0, err[-3000:]
+        report = json.loads(report_path.read_text())
+        malformed_sent = report["faults_injected"]["malformed"]
+        good = report["totals"]["by_kind"]["telemetry"]["acked"] - malformed_sent
+        assert malformed_sent > 0 and report["acl"]["refused"] == report["acl"]["cross_topic_sent"] > 0
+        session = PsycopgSession.connect(migrated_dsn)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                rejected = session.execute(
+                    "SELECT reason, count(*) FROM rejected_messages WHERE topic LIKE 'devices/%%/telemetry' "
+                    "GROUP BY reason"
+                )
+                rows = session.execute("SELECT count(DISTINCT (device, time)) FROM telemetry")[0][0]
+                if (sum(n for _, n in rejected) >= malformed_sent and rows >= good) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            other = session.execute("SELECT topic, reason FROM rejected_messages WHERE topic NOT LIKE '%%/telemetry'")
+            leaked = session.execute("SELECT count(*) FROM telemetry_named WHERE value = 99.9")[0][0]
+        finally:
+            session.close()
+    finally:
+        ingest.stop()
+    # Every malformed message is a dead letter (nothing else is), every good one is data.
+    assert sum(n for _, n in rejected) == malformed_sent, rejected
+    assert rows == good
+    assert not other, other  # status (with command answers) and heartbeat payloads are all accepted
+    assert leaked == 0  # cross-topic payloads carry temperature 99.9: the ACL kept them out
