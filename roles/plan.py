@@ -11,6 +11,7 @@ from roles._base import RoleError
 from roles.base import base
 from roles.broker_emqx import broker_emqx
 from roles.broker_mosquitto import broker_mosquitto
+from roles.certbot import certbot
 from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.docker import docker
@@ -56,7 +57,7 @@ def web_roles(host: Host) -> list[Deploy]:
     """nginx (and certbot) where the API is served or the broker needs a certificate."""
     if not {"brokers", "ingest"} & set(host.groups):
         return []
-    return [nginx]
+    return [nginx, certbot]
 
 
 def all_roles(host: Host) -> list[Deploy]:
