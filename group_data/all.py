@@ -180,3 +180,7 @@ nginx_emqx_dashboard_allow = []
 # Which lineage the MQTT listeners serve (one certificate per broker listener): "rsa" or "ecdsa".
 # RSA by default because some device TLS stacks (older cellular modules) lack ECDSA.
 broker_tls_key_type = "rsa"
+# logrotate for the platform's own logs in logrotate_log_dir: weekly, or sooner past the size; keep N.
+logrotate_log_dir = "/var/log/telemetry"
+logrotate_max_size = "50M"
+logrotate_keep = 8

@@ -15,6 +15,7 @@ from roles.certbot import certbot
 from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.docker import docker
+from roles.logrotate import logrotate
 from roles.nginx import nginx
 
 Deploy = Callable[[], Any]
@@ -62,5 +63,5 @@ def web_roles(host: Host) -> list[Deploy]:
 
 def all_roles(host: Host) -> list[Deploy]:
     """Base first (firewall, users), then Docker, then the database the broker authenticates against;
-    certificates before the broker, which reads them at start."""
-    return [base, *docker_roles(host), *database_roles(host), *web_roles(host), *broker_roles(host)]
+    certificates before the broker, which reads them at start; log rotation for what they write."""
+    return [base, *docker_roles(host), *database_roles(host), *web_roles(host), *broker_roles(host), logrotate]
