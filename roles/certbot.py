@@ -16,6 +16,7 @@ from typing import Any
 
 from pyinfra.api.facts import FactBase
 from pyinfra.api.host import Host
+from pyinfra.facts.files import File
 from pyinfra.facts.server import Groups
 from pyinfra.operations import apt, files, server
 
@@ -40,6 +41,8 @@ KEY_OPTIONS = {
     "rsa": ["--key-type", "rsa", "--rsa-key-size", "2048"],
 }
 MOSQUITTO_PID_FILE = "/run/mosquitto/mosquitto.pid"
+# Names no public CA issues for (RFC 2606, RFC 6761): the lab's *.test, the inventories' examples.
+RESERVED_SUFFIXES = (".test", ".example", ".invalid", ".localhost", ".example.com", ".example.net", ".example.org")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,12 @@ def renewal_time(host_name: str) -> tuple[int, int]:
     is spread across hosts but identical on every deploy."""
     n = int.from_bytes(hashlib.sha256(host_name.encode()).digest()[:8], "big")
     return (n // 60) % 12, n % 60
+
+
+def publicly_issuable(domains: list[str], server_url: str) -> bool:
+    """False when a public ACME server would refuse the names anyway (a test server may accept them)."""
+    public = server_url in ACME_SERVERS.values()
+    return not (public and any(f".{d}".endswith(RESERVED_SUFFIXES) for d in domains))
 
 
 def lineage_name(host: Host, key_type: str) -> str:
@@ -200,6 +209,13 @@ class Certbot(Role):
             return
         domains = tls_domains(self.host)
         server_url = acme_server_url(str(self.data("acme_server")))
+        if not publicly_issuable(domains, server_url):
+            self.warn_once(
+                f"{', '.join(domains)}: reserved names {server_url} refuses; keeping the self-signed "
+                "certificates (set tls_domains, or acme_server to a test ACME server)"
+            )
+            self.bootstrap_broker_certificate()
+            return
         for key_type in KEY_TYPES:
             name = lineage_name(self.host, key_type)
             nginx_copy = cert_files(str(self.data("nginx_tls_dir")), key_type)["fullchain"]
@@ -221,6 +237,25 @@ class Certbot(Role):
                 )
             elif not state.installed:
                 server.shell(name=f"certbot: install {name} (deploy hook)", commands=[hook])
+
+    def bootstrap_broker_certificate(self) -> None:
+        """Without issuance, the broker gets nginx's self-signed certificate once, so it can start
+        its TLS listeners (it refuses to start without the files)."""
+        broker = broker_hook_config(self.host)
+        if broker is None:
+            return
+        target = broker["tls_dir"]
+        if all(self.host.get_fact(File, path=f"{target}/{n}") for n in ("fullchain.pem", "privkey.pem")):
+            return
+        source = cert_files(str(self.data("nginx_tls_dir")), broker["key_type"])
+        owner = f"-o {broker['owner']} -g {broker['group']}"
+        server.shell(
+            name="certbot: self-signed certificate for the broker (no issuance)",
+            commands=[
+                f"install -m {broker['cert_mode']} {owner} {source['fullchain']} {target}/fullchain.pem && "
+                f"install -m {broker['key_mode']} {owner} {source['privkey']} {target}/privkey.pem"
+            ],
+        )
 
 
 certbot = role_deploy(Certbot)

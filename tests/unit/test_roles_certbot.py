@@ -25,7 +25,9 @@ from roles.certbot import (
 from tests.support import deploy_validators as v
 from tests.support.deploy_fake import LIVE_HOST, NO_SYSTEMD_HOST, run_deploys
 
-PROD = "telemetry.example.net"
+HOST = "telemetry.example.net"  # the prod inventory's placeholder host: a reserved name
+PROD = "iot.acme-telemetry.net"  # a name a public CA would issue for
+NAMES = {"tls_domains": [PROD]}
 LE = "https://acme-v02.api.letsencrypt.org/directory"
 
 
@@ -52,7 +54,7 @@ def certbot_commands(commands: list[str]) -> list[str]:
 
 
 def test_first_deploy_issues_both_lineages_then_runs_the_hook() -> None:
-    (r,) = run_deploys("prod", [certbot]).values()
+    (r,) = run_deploys("prod", [certbot], override=NAMES).values()
     issued = certbot_commands(r.commands)
     assert len(issued) == 2
     for cmd, key_opts in zip(issued, ("--key-type ecdsa --elliptic-curve secp256r1", "--key-type rsa"), strict=True):
@@ -79,12 +81,12 @@ def test_lab_hook_signals_mosquitto_with_a_group_readable_key() -> None:
 
 
 def test_second_deploy_with_installed_lineages_changes_nothing() -> None:
-    (r,) = run_deploys("prod", [certbot], responses=existing()).values()
+    (r,) = run_deploys("prod", [certbot], responses=existing(), override=NAMES).values()
     assert certbot_commands(r.commands) == []
 
 
 def test_a_lineage_nginx_does_not_serve_yet_gets_the_hook_only() -> None:
-    (r,) = run_deploys("prod", [certbot], responses=existing(installed=False)).values()
+    (r,) = run_deploys("prod", [certbot], responses=existing(installed=False), override=NAMES).values()
     assert certbot_commands(r.commands) == [
         f"RENEWED_LINEAGE=/etc/letsencrypt/live/{PROD}-{k} {HOOK_PATH}" for k in ("ecdsa", "rsa")
     ]
@@ -92,7 +94,7 @@ def test_a_lineage_nginx_does_not_serve_yet_gets_the_hook_only() -> None:
 
 def test_new_acme_server_or_names_reissue_now() -> None:
     staging = "https://acme-staging-v02.api.letsencrypt.org/directory"
-    (r,) = run_deploys("prod", [certbot], responses=existing(server=staging)).values()
+    (r,) = run_deploys("prod", [certbot], responses=existing(server=staging), override=NAMES).values()
     cmds = certbot_commands(r.commands)
     assert len(cmds) == 2 and all("--force-renewal" in c and f"--server {LE}" in c for c in cmds)
     (r,) = run_deploys(
@@ -102,8 +104,32 @@ def test_new_acme_server_or_names_reissue_now() -> None:
     assert len(cmds) == 2 and all(f"-d {PROD} -d api.{PROD}" in c and "--force-renewal" in c for c in cmds)
 
 
+def test_reserved_names_keep_self_signed_certificates_and_the_broker_gets_one() -> None:
+    # the lab (lab.telemetry.test) against Let's Encrypt: no doomed certonly, a certificate for Mosquitto
+    (r,) = run_deploys("lab", [certbot]).values()
+    assert certbot_commands(r.commands) == []
+    (copy,) = [c for c in r.commands if c.startswith("install ")]
+    assert (
+        "install -m 0644 -o root -g mosquitto /etc/nginx/tls/rsa/fullchain.pem /etc/telemetry/tls/fullchain.pem" in copy
+    )
+    assert "install -m 0640 -o root -g mosquitto /etc/nginx/tls/rsa/privkey.pem /etc/telemetry/tls/privkey.pem" in copy
+    # once the broker has its files, nothing more (zero-change re-deploys)
+    present = {
+        **LIVE_HOST,
+        **{
+            f"/etc/telemetry/tls/{n}": [f"user=root group=root mode=-rw-r----- atime=0 mtime=0 ctime=0 size=9 '/x/{n}'"]
+            for n in ("fullchain.pem", "privkey.pem")
+        },
+    }
+    (r,) = run_deploys("lab", [certbot], responses=present).values()
+    assert not [c for c in r.commands if c.startswith("install ")]
+    # a test ACME server may issue for them
+    (r,) = run_deploys("lab", [certbot], override={"acme_server": "https://127.0.0.1:14000/dir"}).values()
+    assert len(certbot_commands(r.commands)) == 2
+
+
 def test_no_issuance_without_a_running_host() -> None:
-    (r,) = run_deploys("prod", [certbot], responses=NO_SYSTEMD_HOST).values()
+    (r,) = run_deploys("prod", [certbot], responses=NO_SYSTEMD_HOST, override=NAMES).values()
     assert certbot_commands(r.commands) == []
     assert TIMER_DROPIN in r.files
 
@@ -113,22 +139,22 @@ def test_acme_server_setting() -> None:
     assert acme_server_url("https://127.0.0.1:14000/dir") == "https://127.0.0.1:14000/dir"
     with pytest.raises(RoleError):
         acme_server_url("http://insecure.example/dir")
-    (r,) = run_deploys("prod", [certbot], override={"acme_server": "letsencrypt-staging"}).values()
+    (r,) = run_deploys("prod", [certbot], override={**NAMES, "acme_server": "letsencrypt-staging"}).values()
     assert all("acme-staging-v02" in c for c in certbot_commands(r.commands))
 
 
 def test_broker_files_must_be_where_the_hook_writes() -> None:
     with pytest.raises(RoleError, match="tls_key_file"):
-        run_deploys("prod", [certbot], override={"tls_key_file": "/etc/telemetry/tls/key.pem"})
+        run_deploys("prod", [certbot], override={**NAMES, "tls_key_file": "/etc/telemetry/tls/key.pem"})
 
 
 def test_renewal_time_is_stable_per_host_and_spread(tmp_path: Path) -> None:
-    (a,) = run_deploys("prod", [certbot]).values()
-    (b,) = run_deploys("prod", [certbot]).values()
+    (a,) = run_deploys("prod", [certbot], override=NAMES).values()
+    (b,) = run_deploys("prod", [certbot], override=NAMES).values()
     assert a.files[TIMER_DROPIN] == b.files[TIMER_DROPIN]
     times = {renewal_time(f"host{i}.example.net") for i in range(50)}
     assert len(times) > 25  # different hosts, different times
-    hour, minute = renewal_time(PROD)
+    hour, minute = renewal_time(HOST)
     spec = f"*-*-* {hour:02d},{hour + 12:02d}:{minute:02d}:00"
     assert f"OnCalendar={spec}\n" in a.files[TIMER_DROPIN]
     proc = v.run([v.tool("systemd-analyze"), "calendar", spec])
