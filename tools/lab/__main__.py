@@ -9,7 +9,7 @@ import sys
 from tools.lab.deploy import DeployResult, run_deploy
 from tools.lab.inventory import LabHost, load_lab_host
 from tools.lab.summary import render_summary
-from tools.lab.target import LabError, LabState, down, phase, say, ssh, status, up
+from tools.lab.target import LabError, LabState, down, phase, restart_container, say, ssh, status, up
 
 
 def provision_devices(state: LabState, host: LabHost) -> str | None:
@@ -79,6 +79,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    state = LabState.load()
+    if state is None:
+        raise LabError("the lab is not up: run `make lab` (or python -m tools.lab up)")
+    with phase("restart target container"):
+        restart_container(state)
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     down()
     return 0
@@ -96,10 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("up", help="build (cached) and start the target; prints its ports as JSON")
     d = sub.add_parser("deploy", help="run pyinfra against the running target; prints changes as JSON")
     d.add_argument("--label", default="deploy", help="name of the JSON results file in .cache/lab/")
+    sub.add_parser("restart", help="restart the target container (a reboot, as far as a container can)")
     sub.add_parser("down", help="remove the target, stop the lab's dockerd, undo its network changes")
     sub.add_parser("status", help="what is running, as JSON")
     args = parser.parse_args(argv)
-    handler = {"all": cmd_all, "up": cmd_up, "deploy": cmd_deploy, "down": cmd_down, "status": cmd_status}
+    handler = {
+        "all": cmd_all,
+        "up": cmd_up,
+        "deploy": cmd_deploy,
+        "restart": cmd_restart,
+        "down": cmd_down,
+        "status": cmd_status,
+    }
     try:
         return handler[args.command](args)
     except LabError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any
 
@@ -51,7 +52,7 @@ def render_summary(
     pending: list[str],
     timings: dict[str, float],
 ) -> str:
-    cfg = SSH_CONFIG.relative_to(REPO)
+    cfg = os.path.relpath(SSH_CONFIG, REPO)
     listening = _listening(state)
     units = _unit_states(host.units)
     public_labels = _port_labels(host, PUBLIC_PORT_SETTINGS)

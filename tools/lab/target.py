@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-LAB_DIR = REPO / ".cache/lab"
+# The rootfs and its .deb cache are shared by every lab instance of this checkout.
+CACHE_DIR = REPO / ".cache/lab"
+DEBS = CACHE_DIR / "debs"
+# One lab instance: its state, key, ssh config and Docker data root. The end-to-end test uses an
+# instance of its own (TELEMETRY_LAB_DIR, TELEMETRY_LAB_RUN_DIR, TELEMETRY_LAB_BRIDGE*) so that it
+# neither reuses nor tears down a lab a developer has up.
+LAB_DIR = Path(os.environ.get("TELEMETRY_LAB_DIR") or CACHE_DIR)
 STATE_FILE = LAB_DIR / "state.json"
 SSH_KEY = LAB_DIR / "id_ed25519"
 SSH_CONFIG = LAB_DIR / "ssh_config"
-DEBS = LAB_DIR / "debs"
 # Images survive a `lab-down`: the next `make lab` re-imports nothing.
 DATA_ROOT = LAB_DIR / "docker"
 # Unix sockets are limited to 108 bytes and containerd nests its sockets under the exec root, so
@@ -159,17 +164,17 @@ def rootfs_tarball() -> Path:
     """The cached rootfs tarball, built with debootstrap on first use (a few minutes, then reused)."""
     mirror, security = apt_mirrors()
     key = hashlib.sha256(f"{RECIPE_VERSION} {SUITE} {mirror} {security} {' '.join(PACKAGES)}".encode()).hexdigest()[:12]
-    tarball = LAB_DIR / f"rootfs-{SUITE}-{key}.tar"
+    tarball = CACHE_DIR / f"rootfs-{SUITE}-{key}.tar"
     if tarball.exists():
-        say(f"rootfs: reusing {tarball.relative_to(REPO)}")
+        say(f"rootfs: reusing {tarball}")
         return tarball
     debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not Path(debootstrap).exists():
         raise LabError("debootstrap is not installed: run `make deps`")
     DEBS.mkdir(parents=True, exist_ok=True)  # debootstrap refuses a missing --cache-dir
-    build = LAB_DIR / "rootfs.build"
+    build = CACHE_DIR / "rootfs.build"
     shutil.rmtree(build, ignore_errors=True)
-    say(f"rootfs: debootstrap {SUITE} from {mirror} (cached in {DEBS.relative_to(REPO)})")
+    say(f"rootfs: debootstrap {SUITE} from {mirror} (cached in {DEBS})")
     run(
         [debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", f"--cache-dir={DEBS}",
          SUITE, str(build), mirror],
@@ -187,7 +192,7 @@ def rootfs_tarball() -> Path:
     run(["tar", "-C", str(build), "--numeric-owner", "-cf", str(tmp), "."])
     tmp.replace(tarball)
     shutil.rmtree(build, ignore_errors=True)
-    for old in LAB_DIR.glob(f"rootfs-{SUITE}-*.tar"):
+    for old in CACHE_DIR.glob(f"rootfs-{SUITE}-*.tar"):
         if old != tarball:
             old.unlink()
     return tarball
@@ -434,7 +439,7 @@ def up(public_ports: list[int], timings: dict[str, float] | None = None) -> LabS
         write_ssh_config(state.ssh_port)
         run_container(state.image, state.ssh_port, state.published)
         wait_for_ssh(state.ssh_port)
-    say(f"target up: ssh -F {SSH_CONFIG.relative_to(REPO)} lab")
+    say(f"target up: ssh -F {SSH_CONFIG} lab")
     return state
 
 
@@ -456,6 +461,13 @@ def _iptables_cleanup(before: str) -> None:
             chains.append((table, line[1:].split()[0]))
     for tbl, rule in rules:
         run(["iptables", "-t", tbl, "-D", *_split_rule(rule)], check=False)
+    # dockerd sets the FORWARD policy to DROP when it turns on forwarding: put back what was there.
+    table = ""
+    for line in before.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif m := re.match(r"^:(INPUT|FORWARD|OUTPUT|PREROUTING|POSTROUTING) (ACCEPT|DROP) ", line):
+            run(["iptables", "-t", table, "-P", m.group(1), m.group(2)], check=False)
     for tbl, chain in chains:
         run(["iptables", "-t", tbl, "-F", chain], check=False)
     for tbl, chain in chains:
@@ -468,15 +480,23 @@ def _split_rule(rule: str) -> list[str]:
     return shlex.split(rule)
 
 
+def _reap(pid: int) -> None:
+    # When this very process started the daemon (the end-to-end test), it must reap it too.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 def _stop_pid(pid: int, timeout: float = 30) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _pid_alive(pid):
+        _reap(pid)
         time.sleep(0.2)
     if _pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    _reap(pid)
 
 
 def down() -> None:
@@ -501,6 +521,10 @@ def down() -> None:
     # Leftovers of a killed daemon would make the next start refuse (stale pidfile, socket).
     for path in (PIDFILE, SOCKET):
         path.unlink(missing_ok=True)
+    if state.dockerd_pid and not _pid_alive(state.dockerd_pid):
+        shutil.rmtree(EXEC_ROOT, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            RUN_DIR.rmdir()
     STATE_FILE.unlink(missing_ok=True)
     say("lab down: no container, no dockerd, bridge and iptables rules removed (image cache kept in .cache/lab)")
 
