@@ -1,10 +1,10 @@
 """The database side: one connection, one transaction per batch, as a member of telemetry_ingest.
 
-Per batch: binary COPY into a session-local staging table, then ``INSERT ... SELECT ... ON CONFLICT
-DO NOTHING`` into telemetry (the unique index (device, metric, time) drops QoS 1 redeliveries),
-dead letters, then the device updates. The staging table is ``ON COMMIT DELETE ROWS`` and unlogged
-(temporary), so it costs no WAL and no cleanup. COPY straight into telemetry would be faster but a
-single redelivered row would abort the whole COPY.
+Per batch, normally: binary COPY straight into telemetry, then dead letters and device updates.
+When that COPY hits the unique index (device, metric, time) -- a QoS 1 redelivery after a crash or
+reconnect -- the transaction is rolled back and the batch is written the deduplicating way: binary
+COPY into a session-local staging table (temporary, ON COMMIT DELETE ROWS: no WAL, no cleanup), then
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Device updates lock their rows in id order first.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ STAGING_DDL = (
     "(time timestamptz NOT NULL, device integer NOT NULL, metric smallint NOT NULL, value double precision NOT NULL) "
     "ON COMMIT DELETE ROWS"
 )
+DIRECT_COPY_SQL = "COPY telemetry (time, device, metric, value) FROM STDIN (FORMAT BINARY)"
 COPY_SQL = "COPY ingest_staging (time, device, metric, value) FROM STDIN (FORMAT BINARY)"
 MERGE_SQL = (
     "INSERT INTO telemetry (time, device, metric, value) "
@@ -56,6 +57,7 @@ def is_connection_error(exc: BaseException) -> bool:
 
 class Store:
     def __init__(self, conninfo: str, max_metrics: int) -> None:
+        self.direct_copy_skip = 0  # batches to write via staging before trying direct COPY again
         self.conninfo = conninfo
         self.max_metrics = max_metrics
         self.conn: psycopg.Connection[Any] | None = None
@@ -129,14 +131,33 @@ class Store:
     # -- the batch transaction -------------------------------------------------------------
 
     def write(self, batch: Batch) -> WriteResult:
+        """One transaction. Optimistic path: COPY straight into telemetry (about twice as fast as
+        staging + INSERT ... ON CONFLICT, measured). A duplicate key (a redelivery after a crash or
+        reconnect, or a device repeating a timestamp) aborts that COPY; the batch is then written
+        again through the staging table, which drops duplicates, and the next batches use staging
+        too for a while, since redeliveries come in runs."""
+        if batch.rows and self.direct_copy_skip <= 0:
+            try:
+                return self._write(batch, direct=True)
+            except psycopg.errors.UniqueViolation:
+                self.direct_copy_skip = 20
+        self.direct_copy_skip -= 1
+        return self._write(batch, direct=False)
+
+    def _write(self, batch: Batch, *, direct: bool) -> WriteResult:
         conn = self._c()
         inserted = 0
         with conn.transaction(), conn.cursor() as cur:
             if batch.rows:
-                with cur.copy(COPY_SQL) as copy:
-                    copy.write(batch.copy)
-                cur.execute(MERGE_SQL)
-                inserted = max(cur.rowcount, 0)
+                if direct:
+                    with cur.copy(DIRECT_COPY_SQL) as copy:
+                        copy.write(batch.copy)
+                    inserted = batch.rows
+                else:
+                    with cur.copy(COPY_SQL) as copy:
+                        copy.write(batch.copy)
+                    cur.execute(MERGE_SQL)
+                    inserted = max(cur.rowcount, 0)
             if batch.rejected:
                 cur.executemany(REJECT_SQL, batch.rejected)
             if batch.statuses or batch.seen:
