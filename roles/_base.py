@@ -29,7 +29,7 @@ from pyinfra.context import host as current_host
 from pyinfra.facts.files import Directory
 from pyinfra.operations import files, systemd
 
-from roles.facts import ProcSysWritable
+from roles.facts import InContainer, ProcSysWritable
 
 logger = logging.getLogger("roles")
 
@@ -162,6 +162,10 @@ class Role:
     @property
     def has_systemd(self) -> bool:
         return bool(self.host.get_fact(Directory, "/run/systemd/system"))
+
+    @property
+    def in_container(self) -> bool:
+        return bool(self.host.get_fact(InContainer))
 
     @property
     def proc_sys_writable(self) -> bool:

@@ -65,6 +65,8 @@ class Base(Role):
             "openssh-server",
             "ufw",
             "fail2ban",
+            # fail2ban's `backend = systemd` imports it; no_recommends would leave it out (exit 255).
+            "python3-systemd",
             "unattended-upgrades",
             "systemd-timesyncd",
             "tzdata",
@@ -163,7 +165,11 @@ class Base(Role):
         server.shell(name="base: sshd config test", commands=["sshd -t"], _if=self.changed("sshd"))
         self.service("ssh", reload_if=self.changed("sshd"))
         self.service("fail2ban", restart_if=self.changed("fail2ban"))
-        self.service("systemd-timesyncd", restart_if=self.changed("ntp"))
+        if self.in_container:
+            # The container's clock is the host's; systemd refuses to start timesyncd here.
+            self.warn_once("container: systemd-timesyncd is skipped by systemd, time comes from the host")
+        else:
+            self.service("systemd-timesyncd", restart_if=self.changed("ntp"))
         self.daemon_reload(_if=self.changed("limits"))
 
 

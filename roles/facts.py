@@ -18,6 +18,18 @@ class ProcSysWritable(FactBase[bool]):
         return bool(output) and output[0].strip() == "writable"
 
 
+class InContainer(FactBase[bool]):
+    """Whether the host is a container (the lab target): systemd skips units such as
+    systemd-timesyncd there (ConditionVirtualization=!container), so "keep it running" would report a
+    change on every deploy."""
+
+    def command(self) -> str:
+        return "systemd-detect-virt --container --quiet 2>/dev/null && echo container || echo host"
+
+    def process(self, output: list[str]) -> bool:
+        return bool(output) and output[0].strip() == "container"
+
+
 class MemTotalMiB(FactBase[int]):
     """Total memory in MiB, for database tuning. ``None`` when /proc/meminfo is unreadable."""
 

@@ -163,7 +163,7 @@ class Nginx(Role):
         # Debian's default site also claims default_server on port 80.
         self.record(
             "config",
-            files.file(name="nginx: disable Debian default site", path=DEBIAN_DEFAULT_SITE, present=False),
+            files.link(name="nginx: disable Debian default site", path=DEBIAN_DEFAULT_SITE, present=False),
         )
         self.bootstrap_certificates()
 

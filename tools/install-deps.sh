@@ -32,6 +32,14 @@ command -v npm >/dev/null || missing+=(npm)
 # whatever major the distribution has and the fixtures find it via pg_config / /usr/lib/postgresql.
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
+  # Packages must not start their daemons here (nginx on :80, dockerd, mosquitto, postgresql): tests
+  # start their own on free loopback ports. policy-rc.d is Debian's switch for that; it is removed
+  # again on exit, and an existing one (container images ship it) is left as it is.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
