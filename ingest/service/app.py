@@ -114,8 +114,8 @@ class IngestService:
             self._pending += 1
             if len(inbox) == 1:
                 self._first_at = time.monotonic()
-            if len(inbox) >= self.cfg.ingest.batch_max_messages:
-                self._wake.set()
+            if len(inbox) == self.cfg.ingest.batch_max_messages:
+                self._wake.set()  # once: Event.set takes a lock; the writer re-checks the size itself
 
     def _paused(self) -> bool:
         return self._stopping.is_set() or self._pending >= self.cfg.ingest.max_buffer_messages

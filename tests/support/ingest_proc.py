@@ -136,10 +136,13 @@ class FastPublisher:
                     raise TimeoutError(f"only {self._acked}/{target} PUBACKs within {self.timeout}s")
                 self._cond.wait(left)
 
-    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
-        """Publish (topic, payload) pairs with QoS 1; returns the count once all are acknowledged."""
+    def publish_many(self, messages: Iterable[tuple[str, bytes]], *, wait_all: bool = True) -> int:
+        """Publish (topic, payload) pairs with QoS 1; returns the count once all are acknowledged.
+        ``wait_all=False`` returns once they are sent with at most ``window`` unacknowledged (paced
+        publishing: waiting for every PUBACK per small chunk would stall on Nagle/delayed ACK);
+        call ``flush()`` at the end."""
         sent = 0
-        base = self._acked
+        base = getattr(self, "_sent_total", 0)  # everything sent before this call
         chunk: list[bytes] = []
         for topic, payload in messages:
             self._next_mid = self._next_mid % 65535 + 1
@@ -147,14 +150,20 @@ class FastPublisher:
             chunk.append(b"\x32" + _varint(len(var) + len(payload)) + var + payload)
             sent += 1
             if len(chunk) >= 256:
-                self._wait_acked(base + sent - len(chunk) - self.window + len(chunk))
+                self._wait_acked(base + sent - self.window)
                 self._sock.sendall(b"".join(chunk))
                 chunk = []
         if chunk:
-            self._wait_acked(base + sent - len(chunk) - self.window + len(chunk))
+            self._wait_acked(base + sent - self.window)
             self._sock.sendall(b"".join(chunk))
-        self._wait_acked(base + sent)
+        self._sent_total = base + sent
+        if wait_all:
+            self._wait_acked(base + sent)
         return sent
+
+    def flush(self) -> None:
+        """Wait until everything sent so far is acknowledged."""
+        self._wait_acked(getattr(self, "_sent_total", 0))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

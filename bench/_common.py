@@ -1,0 +1,118 @@
+"""Shared set-up for the ingest benchmarks: a private PostgreSQL and Mosquitto from tests/support,
+the schema, an ingest login, provisioned devices, and process accounting from /proc."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+from psycopg import sql
+
+from ingest.db import PsycopgSession
+from ingest.migrate import migrate
+from tests.support.ingest_proc import IngestEnv
+from tests.support.mosquitto import MosquittoBroker
+from tests.support.pki import create_pki
+from tests.support.postgres import PostgresServer
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Lab:
+    root: Path
+    pg: PostgresServer
+    dsn: str
+    ingest_dsn: str
+    devices: list[str]
+    service_password: str
+
+    def broker(self, name: str, inflight: int) -> tuple[MosquittoBroker, IngestEnv]:
+        pki = create_pki(self.root / f"pki-{name}")
+        broker = MosquittoBroker(self.root / f"mosq-{name}", pki, max_inflight_messages=inflight, max_queued_messages=0)
+        env = IngestEnv(self.dsn, self.ingest_dsn, broker, "ingest", self.service_password, {}, self.root / name)
+        env.sync_broker_accounts()
+        broker.start()
+        return broker, env
+
+    def truncate(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE telemetry")
+            conn.execute("CHECKPOINT")
+
+
+def start_lab(n_devices: int) -> Iterator[Lab]:
+    root = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    pg = PostgresServer(root / "pg")
+    try:
+        pg.start()
+        dsn = pg.create_database("bench")
+        session = PsycopgSession.connect(dsn)
+        migrate(session)
+        session.close()
+        user, pw = "bench_ingest", secrets.token_urlsafe(12)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE telemetry_ingest").format(
+                    sql.Identifier(user), sql.Literal(pw)
+                )
+            )
+        devices = [f"bench{i:05d}" for i in range(n_devices)]
+        service_password = provision_db(dsn, devices)
+        yield Lab(root, pg, dsn, pg.dsn("bench", user=user, password=pw), devices, service_password)
+    finally:
+        pg.close()
+
+
+def provision_db(dsn: str, devices: list[str]) -> str:
+    """Devices + the ingest service account; returns the service account's password."""
+    from ingest.provisioning import add_devices, add_service
+
+    session = PsycopgSession.connect(dsn)
+    try:
+        for i in range(0, len(devices), 500):
+            add_devices(session, devices[i : i + 500])
+        svc = add_service(session, "ingest", subscribe=["devices/+/telemetry", "devices/+/status",
+                                                        "devices/+/heartbeat", "$share/+/devices/+/+"])  # fmt: skip
+    finally:
+        session.close()
+    return svc.password
+
+
+def messages(devices: list[str], n: int, t0_ms: int) -> Iterator[tuple[str, bytes]]:
+    nd = len(devices)
+    topics = [f"devices/{d}/telemetry" for d in devices]
+    for i in range(n):
+        yield topics[i % nd], b'{"ts":%d,"temp":%d.5,"hum":%d}' % (t0_ms + i // nd, i % 40, i % 100)
+
+
+def proc_stats(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system, including reaped children) and peak RSS (MiB) of a live process."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    cpu = sum(int(x) for x in fields[11:15]) / CLK_TCK
+    peak = 0.0
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return {"cpu_s": round(cpu, 2), "peak_rss_mib": round(peak, 1)}
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result, sort_keys=True))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
