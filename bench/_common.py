@@ -107,6 +107,8 @@ def proc_stats(pid: int) -> dict[str, float]:
         for line in fh:
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
+    if not peak:
+        raise ProcessLookupError(pid)  # a zombie has no memory figures left: keep the last sample
     return {"cpu_s": round(cpu, 2), "peak_rss_mib": round(peak, 1)}
 
 
