@@ -159,8 +159,9 @@ def test_sigterm_flushes_commits_acks_and_exits_0_within_bound(env: IngestEnv) -
         messages = _stream(n, int(time.time() * 1000) - 3_600_000)
         full = n - n % BATCH
         with env.publisher() as pub:
-            pub.publish_many(messages[:full])
-            assert env.wait_count(full, timeout=30) == full
+            for i in range(0, full, BATCH):  # one full batch at a time: each commits on its size
+                pub.publish_many(messages[i : i + BATCH])
+                assert env.wait_count(i + BATCH, timeout=10) == i + BATCH
             pub.publish_many(messages[full:])  # a partial batch: waits for its 30 s timer
         time.sleep(0.5)
         assert env.count() == full, "the partial batch should still wait for its timer"
