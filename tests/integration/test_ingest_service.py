@@ -28,9 +28,10 @@ def env(
     return provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, DEVICES)
 
 
-@pytest.fixture
-def ingest(env: IngestEnv) -> Iterator[IngestProcess]:
-    proc = env.process(ingest={"batch_max_messages": BATCH, "batch_max_wait_ms": 50})
+@pytest.fixture(params=["3.1.1", "5"])
+def ingest(env: IngestEnv, request: pytest.FixtureRequest) -> Iterator[IngestProcess]:
+    # MQTT 5 takes paho's own decoder and the session expiry / Receive Maximum properties.
+    proc = env.process(ingest={"batch_max_messages": BATCH, "batch_max_wait_ms": 50}, mqtt={"protocol": request.param})
     yield proc
     proc.kill()
 
