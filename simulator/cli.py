@@ -34,6 +34,7 @@ from simulator.config import (
 )
 from simulator.engine import Simulator, Snapshot
 from simulator.payloads import PROFILES, TEMPLATE_HELP, PayloadError, Template
+from simulator.wire import utf8, varint
 
 PROG = "simulate"
 _FD_RESERVE = 64  # selector, report file, stdio, DNS, the database connection of --from-db
@@ -350,20 +351,6 @@ def _provision(args: argparse.Namespace) -> list[DeviceCreds]:
 # -- preflight: prove broker, TLS and one device's credentials before starting thousands -----------
 
 
-def _utf8(text: str) -> bytes:
-    b = text.encode()
-    return len(b).to_bytes(2, "big") + b
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
@@ -415,13 +402,13 @@ def preflight(cfg: RunConfig, ctx: ssl.SSLContext | None, timeout: float, from_d
             except (ssl.SSLError, OSError) as exc:
                 raise BadInput(f"TLS handshake with {where} failed: {_ssl_reason(exc)}") from None
         v5 = cfg.mqtt_version == 5
-        header = _utf8("MQTT") + (b"\x05" if v5 else b"\x04") + b"\xc2" + (30).to_bytes(2, "big")
+        header = utf8("MQTT") + (b"\x05" if v5 else b"\x04") + b"\xc2" + (30).to_bytes(2, "big")
         if v5:
             header += b"\x00"  # no properties
-        body = header + _utf8(dev.username)  # the engine's client id is the username too
-        body += _utf8(dev.username) + _utf8(dev.password)
+        body = header + utf8(dev.username)  # the engine's client id is the username too
+        body += utf8(dev.username) + utf8(dev.password)
         try:
-            sock.sendall(b"\x10" + _varint(len(body)) + body)
+            sock.sendall(b"\x10" + varint(len(body)) + body)
             first = _recv_exact(sock, 2)
             length = first[1]
             rest = _recv_exact(sock, length) if length else b""

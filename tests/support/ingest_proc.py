@@ -33,23 +33,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from simulator.wire import utf8, varint
 from tests.support.ports import LOOPBACK, free_port
 
 # -- fast publisher -------------------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return len(b).to_bytes(2, "big") + b
 
 
 class FastPublisher:
@@ -75,14 +62,14 @@ class FastPublisher:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cid = client_id or f"fastpub-{secrets.token_hex(4)}"
         body = (
-            _utf8("MQTT")
+            utf8("MQTT")
             + b"\x04\xc2"  # protocol level 4, flags: username, password, clean session
             + (60).to_bytes(2, "big")
-            + _utf8(cid)
-            + _utf8(username)
-            + _utf8(password)
+            + utf8(cid)
+            + utf8(username)
+            + utf8(password)
         )
-        self._sock.sendall(b"\x10" + _varint(len(body)) + body)
+        self._sock.sendall(b"\x10" + varint(len(body)) + body)
         connack = self._recv_exact(4)
         if connack[0] != 0x20 or connack[3] != 0:
             raise ConnectionError(f"CONNACK refused: {connack!r}")
@@ -146,8 +133,8 @@ class FastPublisher:
         chunk: list[bytes] = []
         for topic, payload in messages:
             self._next_mid = self._next_mid % 65535 + 1
-            var = _utf8(topic) + self._next_mid.to_bytes(2, "big")
-            chunk.append(b"\x32" + _varint(len(var) + len(payload)) + var + payload)
+            var = utf8(topic) + self._next_mid.to_bytes(2, "big")
+            chunk.append(b"\x32" + varint(len(var) + len(payload)) + var + payload)
             sent += 1
             if len(chunk) >= 256:
                 self._wait_acked(base + sent - self.window)

@@ -41,6 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from simulator.wire import varint
 from tests.support.pki import PkiFiles, chown_tree
 from tests.support.ports import LOOPBACK, free_port, is_listening
 
@@ -85,16 +86,6 @@ def password_line(username: str, password: str) -> str:
 def password_file(users: dict[str, str]) -> str:
     """A whole password file for {username: password}."""
     return "".join(password_line(name, pw) + "\n" for name, pw in users.items())
-
-
-def _remaining_length(n: int) -> bytes:
-    # MQTT's variable-length integer: 7 bits per byte, high bit = "more bytes follow".
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class MosquittoBroker:
@@ -370,7 +361,7 @@ class MosquittoBroker:
                     if self.require_client_cert and self.pki.client_cert and self.pki.client_key:
                         ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
                     sock = ctx.wrap_socket(raw, server_hostname=self.host)
-                sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+                sock.sendall(b"\x10" + varint(len(body)) + body)
                 connack = sock.recv(4)
                 if connack[:1] == b"\x20" and connack[-1:] == b"\x00":
                     sock.sendall(b"\xe0\x00")  # DISCONNECT: a clean goodbye, nothing logged as error
