@@ -7,6 +7,7 @@ per device, so values drift plausibly instead of jumping between unrelated rando
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import random
@@ -27,11 +28,14 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-class Profile:
+class Profile(abc.ABC):
     """Per-device payload generator."""
 
+    __slots__ = ()
+
+    @abc.abstractmethod
     def telemetry(self, ts_ms: int, seq: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """The telemetry object for message number ``seq`` at ``ts_ms``."""
 
 
 class Thermalog(Profile):
