@@ -47,7 +47,7 @@ test: venv pglite ## install what is needed, then lint, typecheck and run every 
 test-unit: venv ## fast tests only, no services
 	$(BIN)/pytest tests/unit
 
-lab: venv ## main job: deploy the platform to a local throwaway target (docs/lab.md)
+lab: venv ## main job: deploy the platform to a local throwaway target (README, "The lab")
 	$(BIN)/python -m tools.lab all
 
 lab-down: ## remove the lab target and everything the lab started (by process id)

@@ -70,7 +70,7 @@ docker_apt_key_fingerprint = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
 # Where compose projects live on the host (one folder per project).
 compose_root = "/srv/telemetry"
 
-# --- TLS (files placed by the certbot role; see docs/deploy.md) ---------------------------------------
+# --- TLS (files placed by the certbot role; see README, "Deploying") ---------------------------------------
 # Certificate chain and private key the MQTT listeners serve (readable by uid 1000 for EMQX).
 tls_dir = "/etc/telemetry/tls"
 tls_cert_file = "/etc/telemetry/tls/fullchain.pem"
@@ -148,7 +148,7 @@ database_allowed_networks = []
 # ingest CLI on the host (installed by the ingest role) that applies the schema migrations.
 ingest_bin = "/opt/telemetry/venv/bin/ingest"
 
-# === nginx and certbot (roles/nginx.py, roles/certbot.py; docs/tls.md) ================================
+# === nginx and certbot (roles/nginx.py, roles/certbot.py; README, "TLS: nginx and certbot") ===
 # Names the HTTPS certificates cover; empty means the host's fqdn. The first one names the lineages.
 tls_domains = []
 # ACME directory: "letsencrypt", "letsencrypt-staging" (untrusted certificates, generous rate limits)

@@ -1,7 +1,7 @@
 """The ingest service's configuration: one TOML file, secrets only from files.
 
 Every key is declared once in ``SCHEMA`` with its type, default, bounds and a one-line description
-(``ingest check-config --explain`` prints them; docs/ingest.md lists them). Unknown keys are errors,
+(``ingest check-config --explain`` prints them; README, "Ingest service" lists them). Unknown keys are errors,
 not warnings: a typo such as ``batch_max_mesages`` would otherwise silently run with the default.
 Keys that hold secrets exist only as ``*_file`` paths, so a secret never appears on a command line,
 in the unit file, or in the config itself (which is often world-readable in /etc).

@@ -1,4 +1,4 @@
-"""certbot from apt: ECDSA and RSA lineages by webroot, renewal twice a day, the deploy hook (docs/tls.md).
+"""certbot from apt: ECDSA and RSA lineages by webroot, renewal twice a day, the deploy hook (README: TLS).
 
 Issuance goes through nginx's ACME webroot (the nginx role runs first and serves it with its bootstrap
 certificate): no downtime, nothing stopped. certbot runs deploy hooks on renewals only, so the role

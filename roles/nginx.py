@@ -1,4 +1,4 @@
-"""nginx from apt: the ACME webroot and redirect on port 80, the provisioning API on 443 (docs/tls.md).
+"""nginx from apt: the ACME webroot and redirect on port 80, the provisioning API on 443 (README: TLS).
 
 nginx reads its certificates from ``nginx_tls_dir``/{ecdsa,rsa}/: self-signed until certbot's first
 issuance (so nginx can start and serve the ACME challenge that issuance needs), then the copies the

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from ingest.provision_cli import write_atomic
+from ingest.files import write_atomic
 
 DEFAULT_CONFIG = Path("/etc/telemetry/ops.yml")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""certbot deploy hook: put a new certificate in front of nginx and the MQTT broker (docs/tls.md).
+"""certbot deploy hook: put a new certificate in front of nginx and the MQTT broker (README, "TLS: nginx and certbot").
 
 certbot runs it after each successful renewal with ``RENEWED_LINEAGE=/etc/letsencrypt/live/<name>``;
 the certbot role also runs it once after the first ``certonly`` (certbot runs deploy hooks on renewals

@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from ingest import dbconfig
-from ingest.provision_cli import write_atomic
+from ingest.files import write_atomic
 from scripts import _common as common
 from scripts.backup import list_archives
 

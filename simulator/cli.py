@@ -306,7 +306,7 @@ def _provision(args: argparse.Namespace) -> list[DeviceCreds]:
     from ingest import provisioning as prov
     from ingest.db import PsycopgSession
     from ingest.dbconfig import ConfigError, build_conninfo
-    from ingest.provision_cli import write_atomic
+    from ingest.files import write_atomic
 
     out: Path | None = args.credentials_out
     if out is None:

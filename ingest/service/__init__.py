@@ -1,4 +1,4 @@
-"""The ingest service (``ingest run``): see app.py for the design, docs/ingest.md for operators."""
+"""The ingest service (``ingest run``): see app.py for the design, README, "Ingest service" for operators."""
 
 from __future__ import annotations
 

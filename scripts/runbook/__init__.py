@@ -1,1 +1,1 @@
-"""One command per incident: read-only diagnosis by default, safe fixes only behind --fix (see docs/operations.md)."""
+"""One command per incident: read-only diagnosis by default, safe fixes only behind --fix (see README, "Operations")."""
