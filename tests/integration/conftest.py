@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -11,6 +13,9 @@ from psycopg import sql
 
 from ingest.db import PsycopgSession
 from ingest.migrate import migrate
+from ingest.schema import ROLE_INGEST
+from tests.support.ingest_proc import IngestEnv, IngestEnvFactory, provision_env
+from tests.support.mosquitto import MosquittoFactory
 from tests.support.postgres import PostgresServer
 
 
@@ -56,3 +61,17 @@ def role_dsn(pg_server: PostgresServer, migrated_dsn: str) -> Iterator[Callable[
         for user in created:
             # The test database is dropped by pg_dsn's teardown after this; drop the role's grants here.
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(user)))
+
+
+@pytest.fixture
+def ingest_env(
+    migrated_dsn: str, role_dsn: Callable[[str], str], mosquitto_factory: MosquittoFactory, tmp_path: Path
+) -> IngestEnvFactory:
+    """Factory ``(device_ids, **MosquittoBroker options)``: devices and the ingest account provisioned,
+    a broker whose password/ACL files come from the database, the ingest login in ROLE_INGEST."""
+
+    def make(device_ids: list[str], **broker_options: Any) -> IngestEnv:
+        broker = mosquitto_factory(**broker_options)
+        return provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, device_ids)
+
+    return make

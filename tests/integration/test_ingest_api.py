@@ -8,15 +8,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from ingest.registration import signed_headers
-from ingest.schema import ROLE_INGEST, ROLE_PROVISIONER
-from tests.support.ingest_proc import IngestEnv, IngestProcess, provision_env
-from tests.support.mosquitto import MosquittoFactory, MqttProbe
+from ingest.schema import ROLE_PROVISIONER
+from tests.support.ingest_proc import IngestEnv, IngestEnvFactory, IngestProcess
+from tests.support.mosquitto import MqttProbe
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -25,10 +24,8 @@ PATH = "/v1/devices/register"
 
 
 @pytest.fixture
-def env(
-    migrated_dsn: str, role_dsn: Callable[[str], str], mosquitto_factory: MosquittoFactory, tmp_path: Path
-) -> IngestEnv:
-    return provision_env(migrated_dsn, role_dsn(ROLE_INGEST), mosquitto_factory(), tmp_path, ["existing1"])
+def env(ingest_env: IngestEnvFactory) -> IngestEnv:
+    return ingest_env(["existing1"])
 
 
 @pytest.fixture

@@ -6,16 +6,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from ingest.schema import ROLE_INGEST
-from tests.support.ingest_proc import IngestEnv, provision_env
-from tests.support.mosquitto import MosquittoFactory, MqttProbe
+from tests.support.ingest_proc import IngestEnv, IngestEnvFactory
+from tests.support.mosquitto import MqttProbe
 from tests.support.postgres import PostgresServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -25,11 +22,9 @@ BATCH = 2000
 
 
 @pytest.fixture
-def env(
-    migrated_dsn: str, role_dsn: Callable[[str], str], mosquitto_factory: MosquittoFactory, tmp_path: Path
-) -> IngestEnv:
-    broker = mosquitto_factory(max_inflight_messages=2 * BATCH, max_queued_messages=0)
-    return provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, DEVICES)
+def env(ingest_env: IngestEnvFactory) -> IngestEnv:
+    # In-flight window 2 x batch and an unbounded queue: what the README asks of production brokers.
+    return ingest_env(DEVICES, max_inflight_messages=2 * BATCH, max_queued_messages=0)
 
 
 def _stream(n: int, t0_ms: int) -> list[tuple[str, bytes]]:

@@ -7,8 +7,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -17,9 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.db import PsycopgSession
 from ingest.provisioning import set_enabled
-from ingest.schema import ROLE_INGEST
-from tests.support.ingest_proc import IngestEnv, IngestProcess, provision_env
-from tests.support.mosquitto import MosquittoFactory
+from tests.support.ingest_proc import IngestEnv, IngestEnvFactory, IngestProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -88,11 +85,8 @@ def _valid(i: int) -> tuple[str, bytes]:
 
 
 @pytest.fixture
-def env(
-    migrated_dsn: str, role_dsn: Callable[[str], str], mosquitto_factory: MosquittoFactory, tmp_path: Path
-) -> IngestEnv:
-    broker = mosquitto_factory(max_inflight_messages=1000, max_queued_messages=0)
-    e = provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, DEVICES)
+def env(ingest_env: IngestEnvFactory, migrated_dsn: str) -> IngestEnv:
+    e = ingest_env(DEVICES, max_inflight_messages=1000, max_queued_messages=0)
     session = PsycopgSession.connect(migrated_dsn)
     try:
         set_enabled(session, "off1", False)

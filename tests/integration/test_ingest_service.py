@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from ingest.schema import ROLE_INGEST
-from tests.support.ingest_proc import IngestEnv, IngestProcess, provision_env
-from tests.support.mosquitto import MosquittoFactory
+from tests.support.ingest_proc import IngestEnv, IngestEnvFactory, IngestProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -20,12 +17,9 @@ BATCH = 2000
 
 
 @pytest.fixture
-def env(
-    migrated_dsn: str, role_dsn: Callable[[str], str], mosquitto_factory: MosquittoFactory, tmp_path: Path
-) -> IngestEnv:
-    # In-flight window 2 x batch and an unbounded queue: what docs/ingest.md asks of production brokers.
-    broker = mosquitto_factory(max_inflight_messages=2 * BATCH, max_queued_messages=0)
-    return provision_env(migrated_dsn, role_dsn(ROLE_INGEST), broker, tmp_path, DEVICES)
+def env(ingest_env: IngestEnvFactory) -> IngestEnv:
+    # In-flight window 2 x batch and an unbounded queue: what the README asks of production brokers.
+    return ingest_env(DEVICES, max_inflight_messages=2 * BATCH, max_queued_messages=0)
 
 
 @pytest.fixture(params=["3.1.1", "5"])

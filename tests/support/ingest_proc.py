@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -457,6 +457,10 @@ class IngestEnv:
             if n >= expected or time.monotonic() > deadline:
                 return n
             time.sleep(0.05)
+
+
+# The `ingest_env` fixture (tests/integration/conftest.py): (device_ids, **MosquittoBroker options) -> IngestEnv.
+IngestEnvFactory = Callable[..., IngestEnv]
 
 
 def provision_env(
