@@ -37,7 +37,10 @@ def open_(data: bytes, key: bytes = KEY) -> bytes:
 def test_envelope_round_trip_at_chunk_boundaries(size: int) -> None:
     plain = os.urandom(size)
     sealed = seal(plain)
-    assert plain not in sealed or size == 0
+    # Ciphertext must not contain the plaintext. Below 16 bytes random ciphertext contains a random
+    # plaintext by chance (1 byte: ~20% of runs), so only longer ones say anything.
+    if size >= 16:
+        assert plain not in sealed
     assert open_(sealed) == plain
 
 
