@@ -21,6 +21,10 @@ REQUIRED = {
     "db_broker_password",
     "db_ingest_password",
     "db_provisioner_password",
+    "mqtt_ingest_password",
+    "ingest_api_hmac_key",
+    "backup_encryption_key",
+    "db_monitor_password",
 }
 
 
