@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--broker", required=True, help="mqtts://host[:8883] (TLS) or mqtt://host[:1883] (plain)")
     g.add_argument("--ca", type=Path, help="CA certificate (PEM) that signed the broker's certificate "
                    "(default: the system's trust store)")  # fmt: skip
+    g.add_argument("--tls-server-name", metavar="NAME", help="host name the broker's certificate must carry, when "
+                   "it differs from the --broker host (e.g. a tunnel or forwarded port on 127.0.0.1)")  # fmt: skip
     g.add_argument("--cert", type=Path, help="client certificate (PEM) for mTLS; with --key")
     g.add_argument("--key", type=Path, help="client private key (PEM) for mTLS")
     g.add_argument("--mqtt", choices=("3.1.1", "5"), default="5", help="protocol version (default 5)")
@@ -255,7 +258,7 @@ def _config(args: argparse.Namespace, devices: list[DeviceCreds]) -> RunConfig:
     elif args.template is not None:
         raise BadInput("--template is only used with --profile template")
     cfg = RunConfig(
-        broker=Broker.parse(args.broker),
+        broker=dataclasses.replace(Broker.parse(args.broker), server_name=args.tls_server_name),
         devices=devices,
         rate=rate,
         duration=args.duration,
@@ -393,7 +396,7 @@ def preflight(cfg: RunConfig, ctx: ssl.SSLContext | None, timeout: float, from_d
     try:
         if ctx is not None:
             try:
-                sock = ctx.wrap_socket(raw, server_hostname=b.host)
+                sock = ctx.wrap_socket(raw, server_hostname=b.tls_name)
             except ssl.SSLCertVerificationError as exc:
                 ca = f"--ca {cfg.ca}" if cfg.ca else "the system trust store (pass --ca)"
                 raise BadInput(

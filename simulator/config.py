@@ -36,6 +36,13 @@ class Broker:
     host: str
     port: int
     tls: bool
+    # Name the certificate must carry when it differs from the address dialled (a broker reached
+    # through a forwarded 127.0.0.1 port, as the lab's is); the certificate is still fully verified.
+    server_name: str | None = None
+
+    @property
+    def tls_name(self) -> str:
+        return self.server_name or self.host
 
     @classmethod
     def parse(cls, url: str) -> Broker:
@@ -169,6 +176,8 @@ class RunConfig:
             raise BadInput("--cert and --key go together (client certificate for mTLS)")
         if not self.broker.tls and (self.ca or self.cert):
             raise BadInput(f"--ca/--cert given but --broker {self.broker} is not TLS (use mqtts://)")
+        if not self.broker.tls and self.broker.server_name:
+            raise BadInput(f"--tls-server-name given but --broker {self.broker} is not TLS (use mqtts://)")
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The one TLS context all devices share; load errors become one-line BadInput."""

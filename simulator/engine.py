@@ -295,7 +295,9 @@ class Simulator:
             self._start_mqtt(dev)
             return
         # wrap_socket takes over the same fd, so the selector registration stays valid.
-        dev.sock = self.ctx.wrap_socket(dev.sock, server_hostname=self.cfg.broker.host, do_handshake_on_connect=False)
+        dev.sock = self.ctx.wrap_socket(
+            dev.sock, server_hostname=self.cfg.broker.tls_name, do_handshake_on_connect=False
+        )
         dev.state = TLS
         self._handshake(dev)
 
