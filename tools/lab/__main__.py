@@ -5,34 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from tools.lab.deploy import DeployResult, run_deploy
 from tools.lab.inventory import LabHost, load_lab_host
 from tools.lab.summary import render_summary
 from tools.lab.target import LabError, LabState, down, phase, restart_container, say, ssh, status, up
+from tools.lab.traffic import provision_devices, run_traffic
 
 
-def provision_devices(state: LabState, host: LabHost) -> str | None:
-    """Phase 'provision devices': 100 devices through the provisioning CLI on the target.
-
-    Returns why it was skipped, or None when it ran. The provision CLI comes with the ingest role
-    (not in deploys/all.py yet); until it is on the target, this phase says so instead of pretending."""
-    provision_bin = str(host.data["provision_bin"])
-    if ssh(f"test -x {provision_bin}", check=False).returncode != 0:
-        return f"provision 100 devices: {provision_bin} is not on the target (the ingest role has not landed)"
-    return "provision 100 devices: the ingest role is deployed, but this phase is not wired yet"
+def ops_binary(host: LabHost, name: str) -> str:
+    """A console script of the host virtualenv (next to the ingest CLI the ingest role installs)."""
+    return f"{Path(str(host.data['ingest_bin'])).parent}/{name}"
 
 
-def simulator_traffic(state: LabState, host: LabHost) -> str | None:
-    """Phase 'simulator traffic': 60 s of simulator traffic over TLS to the published broker port,
-    then rows counted in the database. Needs devices and a TLS certificate on the target first."""
-    tls_port = str(host.data["mqtt_tls_port"])
-    if tls_port not in state.published:
-        return "simulator traffic: the broker's TLS port is not published"
-    return (
-        f"simulator traffic (60 s over TLS to 127.0.0.1:{state.published[tls_port]}) and rows ingested: "
-        "waits for the device provisioning phase and the certificate role"
-    )
+def backup_and_drill(host: LabHost) -> dict[str, Any]:
+    """A backup on the target, then the weekly restore drill (scratch database, counts and checksums
+    compared with the manifest, dropped): the operations scripts as cron runs them."""
+    results: dict[str, Any] = {}
+    for label, command in (
+        ("backup", f"{ops_binary(host, 'telemetry-backup')} --json"),
+        ("drill", f"{ops_binary(host, 'telemetry-restore')} --latest --drill --json"),
+    ):
+        done = ssh(command, check=False, timeout=900)
+        try:
+            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            results[label] = {"output": done.stdout[-500:]}
+        results[label]["exit_code"] = done.returncode
+        if done.returncode != 0:
+            raise LabError(f"{label} on the target exited {done.returncode}: {done.stderr.strip()[-600:]}")
+    return results
 
 
 def cmd_all(args: argparse.Namespace) -> int:
@@ -43,25 +47,53 @@ def cmd_all(args: argparse.Namespace) -> int:
     deploys: list[DeployResult] = []
     with phase("deploy (pyinfra inventories/lab.py deploys/all.py)", timings):
         deploys.append(run_deploy(state, "deploy-1"))
-    pending: list[str] = []
-    if deploys[-1].ok:
-        with phase("provision devices", timings):
-            skipped = provision_devices(state, host)
-        if skipped:
-            pending.append(skipped)
-        with phase("simulator traffic", timings):
-            skipped = simulator_traffic(state, host)
-        if skipped:
-            pending.append(skipped)
-    pending += [
-        "backup and restore drill on the target (tests/lab, later)",
-        "deliberately-broken-host acceptance test of tests/infra (later)",
-    ]
-    print(render_summary(state, host, deploys, pending, timings))
     if not deploys[-1].ok:
+        print(render_summary(state, host, deploys, {}, timings))
         say(f"the deploy failed: {', '.join(deploys[-1].errors)} (JSON in .cache/lab/deploy-1.json)")
         return 1
+    outcome: dict[str, Any] = {}
+    with phase("provision 100 devices", timings):
+        provision_devices(host, args.count)
+    if host.data["broker_backend"] == "mosquitto":
+        # Mosquitto reads devices from files the deploy exports from the database (README, "Provisioning").
+        with phase("deploy again (export the new devices to Mosquitto)", timings):
+            deploys.append(run_deploy(state, "deploy-devices"))
+    with phase(f"simulator traffic over TLS ({args.duration:g} s)", timings):
+        traffic = run_traffic(state, host, duration=args.duration)
+    outcome["traffic"] = traffic.to_json()
+    with phase("backup and restore drill on the target", timings):
+        outcome["backup"] = backup_and_drill(host)
+    print(render_summary(state, host, deploys, outcome, timings))
+    if not traffic.ok:
+        say(f"traffic check failed: {json.dumps(traffic.to_json())}")
+        return 1
+    return 0 if deploys[-1].ok else 1
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    state = _running_state()
+    host = load_lab_host()
+    provision_devices(host, args.count)
+    if host.data["broker_backend"] == "mosquitto":
+        result = run_deploy(state, "deploy-devices")
+        if not result.ok:
+            raise LabError(f"exporting the devices to Mosquitto failed: {result.errors}")
+    traffic = run_traffic(state, host, duration=args.duration)
+    print(json.dumps(traffic.to_json()))
+    return 0 if traffic.ok else 1
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    _running_state()
+    print(json.dumps(backup_and_drill(load_lab_host())))
     return 0
+
+
+def _running_state() -> LabState:
+    state = LabState.load()
+    if state is None:
+        raise LabError("the lab is not up: run `make lab` (or python -m tools.lab up)")
+    return state
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -101,7 +133,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("all", help="up + deploy + (pending) devices and traffic + summary: what `make lab` runs")
+    a = sub.add_parser("all", help="up + deploy + devices + simulator traffic + backup drill + summary (`make lab`)")
+    t = sub.add_parser("traffic", help="provision devices and run the simulator against the target; prints JSON")
+    for p in (a, t):
+        p.add_argument("--count", type=int, default=100, help="devices to provision and simulate (default 100)")
+        p.add_argument("--duration", type=float, default=60.0, help="seconds of simulator traffic (default 60)")
+    sub.add_parser("drill", help="backup and restore drill on the running target; prints JSON")
     sub.add_parser("up", help="build (cached) and start the target; prints its ports as JSON")
     d = sub.add_parser("deploy", help="run pyinfra against the running target; prints changes as JSON")
     d.add_argument("--label", default="deploy", help="name of the JSON results file in .cache/lab/")
@@ -111,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {
         "all": cmd_all,
+        "traffic": cmd_traffic,
+        "drill": cmd_drill,
         "up": cmd_up,
         "deploy": cmd_deploy,
         "restart": cmd_restart,

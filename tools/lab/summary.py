@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from typing import Any
 
 from tools.lab.deploy import DeployResult
 from tools.lab.inventory import LabHost
-from tools.lab.target import REPO, SSH_CONFIG, LabState, ssh
+from tools.lab.target import LAB_DIR, REPO, SSH_CONFIG, LabState, ssh
 
 # What each public port is for, keyed by the group-data setting that holds the port number.
 PUBLIC_PORT_SETTINGS = {
@@ -45,11 +46,26 @@ def _unit_states(units: list[str]) -> dict[str, str]:
     return dict(zip(units, [*out.split(), *["unknown"] * len(units)], strict=False))
 
 
+def _health(host: LabHost) -> str:
+    """The host's own health check (the script cron runs every 2 minutes), without sending alerts."""
+    binary = f"{os.path.dirname(str(host.data['ingest_bin']))}/telemetry-healthcheck"
+    done = ssh(f"test -x {binary} && {binary} --no-alerts --json", check=False, timeout=120)
+    if not done.stdout.strip():
+        return ""
+    try:
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    except ValueError:
+        return f"exit {done.returncode}"
+    checks = report.get("checks", [])
+    bad = [c.get("name", "?") + "=" + str(c.get("status")) for c in checks if c.get("status") not in ("ok", "skipped")]
+    return f"exit {done.returncode}; {len(checks)} checks" + (f", not ok: {', '.join(bad)}" if bad else ", all ok")
+
+
 def render_summary(
     state: LabState,
     host: LabHost,
     deploys: list[DeployResult],
-    pending: list[str],
+    outcome: dict[str, Any],
     timings: dict[str, float],
 ) -> str:
     cfg = os.path.relpath(SSH_CONFIG, REPO)
@@ -88,9 +104,33 @@ def render_summary(
             continue
         add(f"  {label + f' ({port})':<40} ssh -F {cfg} -N -L {port + 10000}:127.0.0.1:{port} lab")
     add("")
-    add("not done yet by `make lab` (phases exist, their parts are being written):")
-    for item in pending:
-        add(f"  - {item}")
+    traffic = outcome.get("traffic")
+    if traffic:
+        verdict = "every acknowledged message is in the database" if traffic["ok"] else "MESSAGES MISSING"
+        add(f"devices and traffic ({verdict})")
+        add(
+            f"  {traffic['devices']} devices provisioned, {traffic['connected_max']} connected over TLS; "
+            f"{traffic['sent']} messages sent, {traffic['acked']} acknowledged, {traffic['failed']} failed"
+        )
+        add(f"  telemetry: {traffic['telemetry_acked']} messages acknowledged, "
+            f"{traffic['telemetry_messages_in_database']} found in the database "
+            f"({traffic['telemetry_rows_in_database']} rows, one per metric), "
+            f"{traffic['rejected_messages']} rejected")  # fmt: skip
+        add(
+            f"  credentials: {os.path.relpath(LAB_DIR / 'devices.json', REPO)}; "
+            f"report: {os.path.relpath(LAB_DIR / 'simulator-report.json', REPO)}"
+        )
+    backup = outcome.get("backup")
+    if backup:
+        drill = backup.get("drill", {})
+        verdict = "tables match the manifest" if drill.get("exit_code") == 0 else "see the JSON"
+        add(
+            f"backup and restore drill: backup exit {backup['backup']['exit_code']}, "
+            f"drill exit {drill.get('exit_code')} ({verdict})"
+        )
+    health = _health(host)
+    if health:
+        add(f"health check on the target: {health}")
     add("")
     add("timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     add("check it: .venv/bin/pytest tests/infra --hosts=ssh://root@127.0.0.1:"
