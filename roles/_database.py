@@ -13,11 +13,21 @@ from roles.facts import MemTotalMiB
 from roles.secrets import secrets_for
 
 
+#: The postgres exporter's login (roles/monitoring.py), a member of the built-in pg_monitor role: read
+#: statistics, nothing of the data. Named after the OS user Debian's prometheus-postgres-exporter runs as,
+#: so that on the apt backend it logs in by peer authentication over the socket and has no password at
+#: all (templates/database/pg_hba.conf.j2); the TimescaleDB container is reached over TCP with the vault's
+#: db_monitor_password.
+MONITOR_LOGIN = "prometheus"
+MONITOR_GROUP = "pg_monitor"
+
+
 @dataclass(frozen=True)
 class Login:
     name: str
     group: str
-    password: str
+    #: None: no password (peer authentication only); a password login is then impossible.
+    password: str | None
 
 
 def tuning(memory_mib: int, max_connections: int, shared_ratio: float, cache_ratio: float) -> dict[str, int]:
@@ -73,6 +83,8 @@ class DatabaseRole(Role):
             if not str(name).replace("_", "").isalnum():
                 raise RoleError(f"{self.name}: database user {name!r} must be letters, digits and _")
             out.append(Login(str(name), group, secrets[secret]))
+        monitor_password = secrets["db_monitor_password"] if self.timescaledb else None
+        out.append(Login(MONITOR_LOGIN, MONITOR_GROUP, monitor_password))
         return out
 
     def roles_sql(self) -> str:
