@@ -97,6 +97,36 @@ def cmd_add_service(session: Session, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensure_service(session: Session, args: argparse.Namespace) -> int:
+    path: Path = args.account_password_file
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"--account-password-file: cannot read {path}: {exc.strerror}") from None
+    changed = prov.ensure_service(
+        session,
+        args.username,
+        password,
+        publish=args.publish,
+        subscribe=args.subscribe,
+        algorithm=_algorithm(args.hash),
+        check_only=args.check,
+    )
+    if args.check:
+        print(
+            json.dumps({"username": args.username, "up_to_date": not changed})
+            if args.json
+            else f"{args.username}: {'needs an update' if changed else 'up to date'}"
+        )
+    else:
+        print(
+            json.dumps({"username": args.username, "changed": changed})
+            if args.json
+            else f"{args.username}: {'updated' if changed else 'unchanged'}"
+        )
+    return 0
+
+
 def cmd_list(session: Session, args: argparse.Namespace) -> int:
     accounts = prov.list_accounts(session, kind=None if args.all else "device")
     if args.json:
@@ -209,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subscribe", action="append", default=[], metavar="TOPIC", help="allowed subscribe filter")
     p.add_argument("--hash", help=hash_help)
     p.add_argument("--credentials-out", type=Path, help=creds_help)
+
+    p = command(
+        "ensure-service",
+        cmd_ensure_service,
+        "create or update a service account with a password you keep (idempotent; for deploys)",
+    )
+    p.add_argument("username")
+    p.add_argument(
+        "--account-password-file",
+        type=Path,
+        required=True,
+        help="file holding the account's MQTT password (never on the command line)",
+    )
+    p.add_argument("--publish", action="append", default=[], metavar="TOPIC", help="allowed publish filter")
+    p.add_argument("--subscribe", action="append", default=[], metavar="TOPIC", help="allowed subscribe filter")
+    p.add_argument("--hash", help=hash_help)
+    p.add_argument("--check", action="store_true", help="only report whether an update is needed; write nothing")
 
     p = command("list", cmd_list, "list devices (with --all, service accounts too)")
     p.add_argument("--all", action="store_true", help="include service accounts")

@@ -23,6 +23,8 @@ from ingest.hashing import (
     generate_salt,
     hash_password,
     mosquitto_hash,
+    mosquitto_verify,
+    verify_password,
 )
 
 # Mirrors the `device_ident` domain in migrations/0001_core.sql; checked here first for a clear message.
@@ -214,6 +216,78 @@ def add_service(
         )
         _write_acl(session, username, rules)
     return Credentials("", username, password, algorithm.spec)
+
+
+def _service_current(row: Sequence[Any], password: str, algorithm: HashAlgorithm) -> bool:
+    kind, enabled, pw_hash, salt, algo, mosq, expires_at, superuser = row
+    return (
+        kind == "service"
+        and bool(enabled)
+        and expires_at is None
+        and not superuser
+        and algo == algorithm.spec
+        and verify_password(password, pw_hash, salt, algorithm)
+        and mosquitto_verify(password, mosq)
+    )
+
+
+def ensure_service(
+    session: Session,
+    username: str,
+    password: str,
+    *,
+    publish: Iterable[str] = (),
+    subscribe: Iterable[str] = (),
+    algorithm: HashAlgorithm = DEFAULT_ALGORITHM,
+    check_only: bool = False,
+) -> bool:
+    """Make ``username`` an enabled service account whose password is ``password`` and whose ACL is
+    exactly these topics; return whether the database had to change (with ``check_only``, whether it
+    would, writing nothing).
+
+    For accounts whose password the operator keeps (the ingest service's, in the deploy's vault), where
+    :func:`add_service` would invent one: a deploy runs this on every run and reports a change only
+    when the stored hashes or ACL differ. A device account of that name is refused, never taken over.
+    """
+    validate_ident(username, "service name")
+    if not password:
+        raise ProvisioningError(f"the password for service account {username!r} is empty")
+    rules = service_acl(publish, subscribe)
+    with transaction(session):
+        rows = session.execute(
+            "SELECT kind, enabled, password_hash, salt, hash_algorithm, mosquitto_hash, expires_at, is_superuser "
+            "FROM device_credentials WHERE username = %s FOR UPDATE",
+            [username],
+        )
+        if rows and rows[0][0] != "service":
+            raise ProvisioningError(f"{username!r} is a {rows[0][0]} account, not a service account")
+        acl = [
+            AclRule(*r)
+            for r in session.execute(
+                "SELECT permission, action, topic, qos, retain FROM device_acl WHERE username = %s ORDER BY rule_order",
+                [username],
+            )
+        ]
+        current = bool(rows) and _service_current(rows[0], password, algorithm) and acl == rules
+        if current or check_only:
+            return not current
+        salt = generate_salt(algorithm)
+        values = [hash_password(password, salt, algorithm), salt, algorithm.spec, mosquitto_hash(password)]
+        if rows:
+            session.execute(
+                "UPDATE device_credentials SET password_hash = %s, salt = %s, hash_algorithm = %s, "
+                "mosquitto_hash = %s, enabled = true, expires_at = NULL, is_superuser = false, rotated_at = now() "
+                "WHERE username = %s",
+                [*values, username],
+            )
+        else:
+            session.execute(
+                "INSERT INTO device_credentials (username, kind, password_hash, salt, hash_algorithm, "
+                "mosquitto_hash) VALUES (%s, 'service', %s, %s, %s, %s)",
+                [username, *values],
+            )
+        _write_acl(session, username, rules)
+    return True
 
 
 _ACCOUNT_SQL = """
