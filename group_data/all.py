@@ -184,3 +184,47 @@ broker_tls_key_type = "rsa"
 logrotate_log_dir = "/var/log/telemetry"
 logrotate_max_size = "50M"
 logrotate_keep = 8
+
+# === monitoring (roles/monitoring.py; README, "Monitoring") ===
+# Where Prometheus, Alertmanager and the exporters listen. Loopback: the exporters have no
+# authentication, so the bind address -- not only the firewall -- keeps them private; people reach
+# the UIs through an SSH tunnel. The role refuses addresses on every interface (0.0.0.0, ::).
+prometheus_listen_address = "127.0.0.1:9090"
+alertmanager_listen_address = "127.0.0.1:9093"
+node_exporter_listen_address = "127.0.0.1:9100"
+postgres_exporter_listen_address = "127.0.0.1:9187"
+# Folder node exporter's textfile collector reads (Debian's default). backup, restore --drill and
+# healthcheck write their *.prom files there: textfile_dir in /etc/telemetry/ops.yml names the same one.
+node_exporter_textfile_dir = "/var/lib/prometheus/node-exporter"
+# How often Prometheus scrapes and evaluates the alert rules, and how long it keeps samples.
+prometheus_scrape_interval = "15s"
+prometheus_retention = "30d"
+# Where alerts go: Alertmanager's and the health check's (scripts/healthcheck.py) recipients. One
+# address or a list; a generic JSON webhook (http/https). Both empty: Alertmanager routes to a null
+# receiver (alerts visible only in its UI) -- acceptable for a lab, not for production.
+alert_email = []
+alert_webhook_url = ""
+# Sender of alert e-mails; empty means alertmanager@<host name>.
+alert_email_from = ""
+# SMTP relay for alert e-mails. Debian 12 installs no local MTA, so set a real relay where
+# alert_email is used; STARTTLS is off only for a relay on localhost.
+alert_smtp_host = "localhost"
+alert_smtp_port = 25
+alert_smtp_starttls = False
+# SMTP login, if the relay wants one; its password is the vault key alert_smtp_password.
+alert_smtp_username = ""
+# Alert thresholds, shared by the Prometheus rules and the health check (README, "Health checks and
+# alerts"). Certificates: days left before expiry (warning, critical).
+alert_cert_warn_days = 21
+alert_cert_crit_days = 7
+# Disk and memory use in percent (warning, critical).
+alert_disk_warn_percent = 70
+alert_disk_crit_percent = 85
+alert_memory_warn_percent = 60
+alert_memory_crit_percent = 85
+# Hours without a verified backup before it is critical (a daily backup plus two hours of slack).
+alert_backup_max_age_hours = 26
+# Prometheus only: messages waiting in the ingest service above which a growing backlog alerts, and
+# the share of rejected messages (0.05 = 5 %) above which devices are probably misbehaving.
+alert_ingest_backlog = 1000
+alert_rejected_ratio = 0.05

@@ -16,7 +16,9 @@ from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.docker import docker
 from roles.logrotate import logrotate
+from roles.monitoring import monitoring
 from roles.nginx import nginx
+from roles.ops import ops_roles
 
 Deploy = Callable[[], Any]
 
@@ -63,5 +65,15 @@ def web_roles(host: Host) -> list[Deploy]:
 
 def all_roles(host: Host) -> list[Deploy]:
     """Base first (firewall, users), then Docker, then the database the broker authenticates against;
-    certificates before the broker, which reads them at start; log rotation for what they write."""
-    return [base, *docker_roles(host), *database_roles(host), *web_roles(host), *broker_roles(host), logrotate]
+    certificates before the broker, which reads them at start; monitoring of what runs on the host (it
+    scrapes only what the host's groups put there); log rotation for what they write."""
+    return [
+        base,
+        *docker_roles(host),
+        *database_roles(host),
+        *web_roles(host),
+        *broker_roles(host),
+        monitoring,
+        *ops_roles(host),
+        logrotate,
+    ]

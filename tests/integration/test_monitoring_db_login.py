@@ -98,7 +98,8 @@ def psql_as(os_user: str, srv: PostgresServer, query: str) -> subprocess.Complet
     return subprocess.run(
         ["psql", "-X", "-A", "-t", "-h", str(srv.socket), "-p", str(srv.port),  # type: ignore[attr-defined]
          "-U", MONITOR_LOGIN, "-d", "telemetry", "-c", query],
-        user=os_user, group=pwd.getpwnam(os_user).pw_gid, extra_groups=[], cwd="/", env=env, capture_output=True, text=True, timeout=30,
+        user=os_user, group=pwd.getpwnam(os_user).pw_gid, extra_groups=[], cwd="/", env=env,
+        capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
 

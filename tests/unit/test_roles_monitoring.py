@@ -1,8 +1,11 @@
-"""monitoring role: rendered Prometheus/Alertmanager files pass promtool/amtool, and every alert rule
-has a firing and a quiet case in `promtool test rules`."""
+"""monitoring role: what each host scrapes, loopback everywhere, the exporter's database login; rendered
+Prometheus/Alertmanager files pass promtool/amtool, and every alert rule has a firing and a quiet case
+in `promtool test rules`."""
 
 from __future__ import annotations
 
+import functools
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,80 +13,263 @@ from typing import Any
 
 import pytest
 import yaml
+from pyinfra.context import host
 
 from roles import monitoring as mon
 from roles._base import RoleError
-from tests.support.deploy_fake import LIVE_HOST, run_deploys
+from roles._database import MONITOR_LOGIN
+from roles.database_postgresql import database_postgresql
+from roles.database_timescaledb import database_timescaledb
+from roles.plan import all_roles
+from roles.secrets import decrypt_file
+from tests.support.deploy_fake import REPO, TEST_VAULT_DIR, TEST_VAULT_PASSWORD, HostResult, run_deploys
 
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing (Debian package prometheus)")
+needs_amtool = pytest.mark.skipif(AMTOOL is None, reason="amtool missing (Debian package prometheus-alertmanager)")
 
 
-def defaults(key: str, default: Any = None) -> Any:
-    return default
+@functools.cache
+def all_defaults() -> dict[str, Any]:
+    return runpy.run_path(str(REPO / "group_data" / "all.py"))
+
+
+def defaults(key: str) -> Any:
+    """group_data/all.py's value: the thresholds the README states."""
+    return all_defaults()[key]
 
 
 def context(**extra: Any) -> dict[str, Any]:
+    """Every template variable, as a database + ingest + EMQX host has them."""
     ctx: dict[str, Any] = {
         "scrape_interval": "15s",
-        "site": "test",
+        "external_labels": {"host": "test.example.net", "environment": "test"},
         "rules_glob": "rules/*.yml",
-        "ingest_targets": ["127.0.0.1:8081"],
-        "emqx_targets": ["127.0.0.1:18083"],
+        "alertmanager_listen": "127.0.0.1:9093",
+        "jobs": [
+            {"name": "node", "targets": ["127.0.0.1:9100"]},
+            {"name": "postgres", "targets": ["127.0.0.1:9187"]},
+            {"name": "ingest", "targets": ["127.0.0.1:8081"], "path": "/metrics"},
+            {"name": "emqx", "targets": ["127.0.0.1:18083"], "path": "/api/v5/prometheus/stats"},
+        ],
+        "mosquitto": False,
         "alert_email": "ops@example.org",
-        "alert_from": "am@example.org",
-        "smtp_smarthost": "localhost:25",
-        "smtp_require_tls": False,
         "alert_webhook_url": "http://127.0.0.1:9/hook",
+        "smtp": {
+            "smarthost": "localhost:25",
+            "require_tls": False,
+            "from": "am@example.org",
+            "username": "",
+            "password_file": "",
+        },
+        "backup_alerts": True,
         **mon.rules_context(defaults),
     }
     ctx.update(extra)
     return ctx
 
 
-def test_fake_deploy_uploads_every_file() -> None:
-    (r,) = run_deploys("lab", [mon.monitoring], override={"alert_webhook_url": "http://127.0.0.1:9/x"}).values()
+def vault(key: str) -> str:
+    return decrypt_file(REPO / TEST_VAULT_DIR / "all.vault.yml", TEST_VAULT_PASSWORD.read_bytes().strip())[key]
+
+
+def jobs(prometheus_yml: str) -> dict[str, dict[str, Any]]:
+    return {j["job_name"]: j for j in yaml.safe_load(prometheus_yml)["scrape_configs"]}
+
+
+def mode_of(r: HostResult, path: str) -> str:
+    return next(c.split()[1] for c in r.commands if c.startswith("chmod ") and c.endswith(" " + path))
+
+
+# --- what a host gets ------------------------------------------------------------------------------
+
+
+def test_lab_host_watches_everything_on_loopback() -> None:
+    (r,) = run_deploys("lab", [mon.monitoring]).values()
     for path in (mon.PROMETHEUS_CONFIG, mon.RULES, mon.ALERTMANAGER_CONFIG, *mon.DEFAULTS.values()):
         assert path in r.files, path
-    assert "127.0.0.1:9100" in r.files[mon.PROMETHEUS_CONFIG]
+    scraped = jobs(r.files[mon.PROMETHEUS_CONFIG])
+    # Mosquitto: no broker job (no exporter); the file says why.
+    assert set(scraped) == {"prometheus", "alertmanager", "node", "postgres", "ingest"}
+    assert "Mosquitto has no Prometheus endpoint" in r.files[mon.PROMETHEUS_CONFIG]
+    assert scraped["ingest"]["metrics_path"] == "/metrics"
+    assert scraped["ingest"]["static_configs"] == [{"targets": [r.data["ingest_http_address"]]}]
+    assert all(t.startswith("127.0.0.1:") for j in scraped.values() for t in j["static_configs"][0]["targets"])
+    # Every daemon binds to loopback, on the address group data gives.
+    for key, flag_file in (
+        ("prometheus_listen_address", "prometheus"),
+        ("alertmanager_listen_address", "alertmanager"),
+        ("node_exporter_listen_address", "node"),
+        ("postgres_exporter_listen_address", "postgres"),
+    ):
+        assert r.data[key].startswith("127.0.0.1:")
+        assert f'--web.listen-address={r.data[key]}"' in r.files[mon.DEFAULTS[flag_file]] or (
+            f"--web.listen-address={r.data[key]} " in r.files[mon.DEFAULTS[flag_file]]
+        )
+    assert "--cluster.listen-address=" in r.files[mon.DEFAULTS["alertmanager"]]
+    # The textfile folder the backup/healthcheck scripts write to (README, ops.yml example).
+    assert r.data["node_exporter_textfile_dir"] == "/var/lib/prometheus/node-exporter"
     assert "--collector.textfile.directory=/var/lib/prometheus/node-exporter" in r.files[mon.DEFAULTS["node"]]
+    readme = (REPO / "README.md").read_text()
+    assert f"textfile_dir: {r.data['node_exporter_textfile_dir']}" in readme
     names = " ".join(r.op_names())
     assert "reload prometheus" in names and "restart prometheus-node-exporter" in names
-    assert "127.0.0.1:9093" in r.files[mon.DEFAULTS["alertmanager"]]
-    assert LIVE_HOST  # the default fake host is a live systemd host
+    assert "prometheus-postgres-exporter" in names
+    assert any(c.startswith("promtool check config ") for c in r.commands)
+    assert any(c.startswith("amtool check-config ") for c in r.commands)
 
 
-def test_no_receiver_is_refused() -> None:
-    with pytest.raises(RoleError, match="alert_email"):
-        mon.render_alertmanager(context(alert_email="", alert_webhook_url=""))
+def test_apt_postgresql_exporter_logs_in_by_peer_without_password() -> None:
+    (r,) = run_deploys("lab", [mon.monitoring]).values()
+    env = r.files[mon.DEFAULTS["postgres"]]
+    assert f'DATA_SOURCE_NAME="host=/run/postgresql port=5432 user={MONITOR_LOGIN} dbname=telemetry' in env
+    assert "password" not in env.lower().replace("no password", "")
+    assert mon.POSTGRES_PASSWORD_FILE not in r.files
+    # ...and the database role makes that possible: the login exists, without a password, and pg_hba
+    # lets OS user prometheus in as itself over the socket, before the password rule for everyone.
+    (db,) = run_deploys("lab", [database_postgresql]).values()
+    sql = db.files["/etc/telemetry/database-roles.sql"]
+    assert f'ALTER ROLE "{MONITOR_LOGIN}" LOGIN PASSWORD NULL;' in sql
+    assert f"GRANT %I TO %I', 'pg_monitor', '{MONITOR_LOGIN}'" in sql
+    hba = [line.split() for line in db.files["/etc/postgresql/15/main/pg_hba.conf"].splitlines()]
+    rules = [line for line in hba if line and not line[0].startswith("#")]
+    assert ["local", "all", MONITOR_LOGIN, "peer"] in rules
+    assert rules.index(["local", "all", MONITOR_LOGIN, "peer"]) < rules.index(["local", "all", "all", "scram-sha-256"])
 
 
-def test_mosquitto_backend_has_no_emqx_job() -> None:
-    text = mon.render_prometheus(context(emqx_targets=[]))
-    assert "job_name: emqx" not in text and "job_name: ingest" in text
-    assert "/api/v5/prometheus/stats" in mon.render_prometheus(context())
+def test_timescaledb_exporter_uses_the_vault_password_from_a_private_file() -> None:
+    (r,) = run_deploys("prod", [mon.monitoring]).values()
+    env = r.files[mon.DEFAULTS["postgres"]]
+    assert 'DATA_SOURCE_URI="127.0.0.1:5432/telemetry?sslmode=disable"' in env
+    assert f'DATA_SOURCE_USER="{MONITOR_LOGIN}"' in env
+    assert f'DATA_SOURCE_PASS_FILE="{mon.POSTGRES_PASSWORD_FILE}"' in env
+    assert r.files[mon.POSTGRES_PASSWORD_FILE] == vault("db_monitor_password") + "\n"
+    assert vault("db_monitor_password") not in env
+    assert mode_of(r, mon.POSTGRES_PASSWORD_FILE) == "640"
+    assert f"chown root:prometheus {mon.POSTGRES_PASSWORD_FILE}" in r.commands
+    (db,) = run_deploys("prod", [database_timescaledb]).values()
+    sql = db.files["/srv/telemetry/timescaledb/roles.sql"]
+    assert f"ALTER ROLE \"{MONITOR_LOGIN}\" LOGIN PASSWORD '{vault('db_monitor_password')}';" in sql
 
 
-@needs_promtool
-def test_promtool_check_config_and_rules(tmp_path: Path) -> None:
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "telemetry.yml").write_text(mon.render_rules(context()))
-    (tmp_path / "prometheus.yml").write_text(mon.render_prometheus(context()))
-    result = subprocess.run(
-        [PROMTOOL, "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True, text=True
-    )  # type: ignore[list-item]
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout and "10 rules found" in result.stdout
+def test_prod_scrapes_emqx_stats() -> None:
+    (r,) = run_deploys("prod", [mon.monitoring]).values()
+    scraped = jobs(r.files[mon.PROMETHEUS_CONFIG])
+    assert scraped["emqx"]["metrics_path"] == "/api/v5/prometheus/stats"
+    assert scraped["emqx"]["static_configs"] == [{"targets": [f"127.0.0.1:{r.data['emqx_dashboard_port']}"]}]
+    assert "Mosquitto" not in r.files[mon.PROMETHEUS_CONFIG]
 
 
-@pytest.mark.skipif(AMTOOL is None, reason="amtool missing (Debian package prometheus-alertmanager)")
+def test_cluster_hosts_scrape_only_what_runs_on_them() -> None:
+    results = run_deploys("cluster-example", [mon.monitoring])
+    broker = results["broker-a.cluster.example.net"]
+    ingest = results["ingest-a.cluster.example.net"]
+    db = results["db-a.cluster.example.net"]
+    assert set(jobs(broker.files[mon.PROMETHEUS_CONFIG])) == {"prometheus", "alertmanager", "node", "emqx"}
+    assert set(jobs(ingest.files[mon.PROMETHEUS_CONFIG])) == {"prometheus", "alertmanager", "node", "ingest"}
+    assert set(jobs(db.files[mon.PROMETHEUS_CONFIG])) == {"prometheus", "alertmanager", "node", "postgres"}
+    # The postgres exporter only where the database is; backup alerts only where backups run.
+    assert mon.DEFAULTS["postgres"] not in broker.files
+    assert not any("prometheus-postgres-exporter" in c for c in broker.commands)
+    assert any("prometheus-postgres-exporter" in c for c in db.commands)
+    assert "BackupStale" not in broker.files[mon.RULES] and "BackupStale" in db.files[mon.RULES]
+
+
+def test_monitoring_is_in_the_plan_after_the_broker() -> None:
+    def everything() -> None:
+        for role in all_roles(host):
+            role()
+
+    for inventory in ("lab", "prod", "cluster-example"):
+        for name, r in run_deploys(inventory, [everything]).items():
+            uploaded = list(r.files)
+            assert mon.PROMETHEUS_CONFIG in uploaded, (inventory, name)
+            for earlier in ("/etc/mosquitto/mosquitto.conf", "/srv/telemetry/emqx/etc/emqx.conf"):
+                if earlier in uploaded:
+                    assert uploaded.index(earlier) < uploaded.index(mon.PROMETHEUS_CONFIG)
+
+
+def test_wildcard_listen_address_is_refused() -> None:
+    with pytest.raises(RoleError, match="every interface"):
+        run_deploys("lab", [mon.monitoring], override={"node_exporter_listen_address": "0.0.0.0:9100"})
+    with pytest.raises(RoleError, match="host:port"):
+        mon.listen_address("prometheus_listen_address", "9090")
+    # A service that listens everywhere is still scraped on loopback.
+    assert mon.scrape_target("ingest_http_address", "0.0.0.0:8081") == "127.0.0.1:8081"
+
+
+# --- alertmanager ----------------------------------------------------------------------------------
+
+
+def test_receivers_follow_group_data() -> None:
+    override = {
+        "alert_email": ["ops@example.org", "oncall@example.org"],
+        "alert_webhook_url": "https://hooks.example.org/telemetry",
+        "alert_smtp_host": "smtp.example.org",
+        "alert_smtp_port": 587,
+        "alert_smtp_starttls": True,
+    }
+    (r,) = run_deploys("lab", [mon.monitoring], override=override).values()
+    am = yaml.safe_load(r.files[mon.ALERTMANAGER_CONFIG])
+    assert am["route"]["receiver"] == "ops"
+    (ops,) = am["receivers"]
+    (email,) = ops["email_configs"]
+    assert email["to"] == "ops@example.org, oncall@example.org"
+    assert email["smarthost"] == "smtp.example.org:587" and email["require_tls"] is True
+    assert email["from"].startswith("alertmanager@") and "auth_username" not in email
+    assert ops["webhook_configs"] == [{"url": "https://hooks.example.org/telemetry", "send_resolved": True}]
+    assert mode_of(r, mon.ALERTMANAGER_CONFIG) == "640"
+
+
+def test_no_receiver_routes_to_null() -> None:
+    (r,) = run_deploys("lab", [mon.monitoring], override={"alert_email": "", "alert_webhook_url": ""}).values()
+    am = yaml.safe_load(r.files[mon.ALERTMANAGER_CONFIG])
+    assert am["route"]["receiver"] == "null" and am["receivers"] == [{"name": "null"}]
+
+
+def test_bad_webhook_is_refused() -> None:
+    with pytest.raises(RoleError, match="http"):
+        run_deploys("lab", [mon.monitoring], override={"alert_webhook_url": "hooks.example.org"})
+
+
+@needs_amtool
 def test_amtool_check_config(tmp_path: Path) -> None:
-    for extra in ({}, {"alert_email": ""}, {"alert_webhook_url": ""}):
+    smtp_login = {**context()["smtp"], "username": "am", "password_file": "/etc/prometheus/x.password"}
+    for extra in (
+        {},
+        {"alert_email": ""},
+        {"alert_webhook_url": ""},
+        {"alert_email": "", "alert_webhook_url": ""},
+        {"smtp": smtp_login},
+    ):
         path = tmp_path / "alertmanager.yml"
         path.write_text(mon.render_alertmanager(context(**extra)))
         result = subprocess.run([str(AMTOOL), "check-config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, (extra, result.stdout + result.stderr)
+
+
+# --- prometheus ------------------------------------------------------------------------------------
+
+
+@needs_promtool
+@pytest.mark.parametrize("inventory", ["lab", "prod", "cluster-example"])
+def test_promtool_checks_the_deployed_files(inventory: str, tmp_path: Path) -> None:
+    for name, r in run_deploys(inventory, [mon.monitoring]).items():
+        work = tmp_path / name
+        (work / "rules").mkdir(parents=True)
+        (work / "rules" / "telemetry.rules.yml").write_text(r.files[mon.RULES])
+        text = r.files[mon.PROMETHEUS_CONFIG].replace(mon.RULES_DIR + "/", "rules/")
+        (work / "prometheus.yml").write_text(text)
+        result = subprocess.run(
+            [str(PROMTOOL), "check", "config", "prometheus.yml"], cwd=work, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout and "rules found" in result.stdout
+        rules = subprocess.run(
+            [str(PROMTOOL), "check", "rules", "rules/telemetry.rules.yml"], cwd=work, capture_output=True, text=True
+        )
+        assert rules.returncode == 0, rules.stdout + rules.stderr
 
 
 def alert(name: str, eval_time: str, fired: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,6 +282,10 @@ def fired(labels: dict[str, str], **annotations: str) -> dict[str, Any]:
 
 ING = {"job": "ingest", "instance": "127.0.0.1:8081"}
 ING_SEL = 'job="ingest", instance="127.0.0.1:8081"'
+NODE = {"job": "node", "instance": "127.0.0.1:9100"}
+NODE_SEL = 'job="node", instance="127.0.0.1:9100"'
+PG = {"job": "postgres", "instance": "127.0.0.1:9187"}
+PG_SEL = 'job="postgres", instance="127.0.0.1:9187"'
 
 
 def rule_tests() -> list[dict[str, Any]]:
@@ -104,7 +294,10 @@ def rule_tests() -> list[dict[str, Any]]:
     cert_crit = "certificate /etc/t.pem expires in less than 7 days"
     fs = 'fstype="ext4", mountpoint="/"'
     rb = "scripts/runbook/"
-    broker_down = {"summary": "MQTT broker unreachable (127.0.0.1:18083)", "runbook": rb + "devices_cannot_connect.py"}
+    broker_down = {
+        "summary": "MQTT broker unreachable (seen by emqx at 127.0.0.1:18083)",
+        "runbook": rb + "devices_cannot_connect.py",
+    }
     not_stored = {"summary": "ingest is not storing data (127.0.0.1:8081)", "runbook": rb + "data_not_stored.py"}
     cert_rb, disk_rb, mem_rb = rb + "cert_renewal_failed.py", rb + "disk_full.py", rb + "high_memory.py"
     stale = "no verified backup for more than 26 h"
@@ -135,11 +328,81 @@ def rule_tests() -> list[dict[str, Any]]:
                     [
                         fired(
                             {"peer": "mqtt", "job": "ingest", "instance": "i2", "severity": "critical"},
-                            summary="MQTT broker unreachable (i2)",
+                            summary="MQTT broker unreachable (seen by ingest at i2)",
                             runbook="scripts/runbook/devices_cannot_connect.py",
                         )
                     ],
                 )
+            ],
+        },
+        {  # broker (Mosquitto too): the health check's $SYS round trip failed -> fires
+            "interval": "1m",
+            "input_series": [
+                {"series": f'telemetry_health_check_status{{check="broker", {NODE_SEL}}}', "values": "2x10"}
+            ],
+            "alert_rule_test": [
+                alert(
+                    "BrokerDown",
+                    "5m",
+                    [
+                        fired(
+                            {"check": "broker", **NODE, "severity": "critical"},
+                            summary="MQTT broker unreachable (seen by node at 127.0.0.1:9100)",
+                            runbook=rb + "devices_cannot_connect.py",
+                        )
+                    ],
+                )
+            ],
+        },
+        {  # everything answers: broker, database and exporters quiet (a warning health check is not "down")
+            "interval": "1m",
+            "input_series": [
+                {"series": 'up{job="emqx", instance="127.0.0.1:18083"}', "values": "1x10"},
+                {"series": f'ingest_up{{peer="mqtt", {ING_SEL}}}', "values": "1x10"},
+                {"series": f'telemetry_health_check_status{{check="broker", {NODE_SEL}}}', "values": "1x10"},
+                {"series": f"up{{{NODE_SEL}}}", "values": "1x10"},
+                {"series": f"up{{{PG_SEL}}}", "values": "1x10"},
+                {"series": f"pg_up{{{PG_SEL}}}", "values": "1x10"},
+            ],
+            "alert_rule_test": [
+                alert("BrokerDown", "8m", []),
+                alert("DatabaseDown", "8m", []),
+                alert("ExporterDown", "8m", []),
+            ],
+        },
+        {  # the exporter cannot reach PostgreSQL -> DatabaseDown; node exporter gone -> ExporterDown; the
+            # ingest service not answering is IngestNotConsuming, not ExporterDown
+            "interval": "1m",
+            "input_series": [
+                {"series": f"pg_up{{{PG_SEL}}}", "values": "0x20"},
+                {"series": f"up{{{PG_SEL}}}", "values": "1x20"},
+                {"series": f"up{{{NODE_SEL}}}", "values": "0x20"},
+                {"series": f"up{{{ING_SEL}}}", "values": "0x20"},
+            ],
+            "alert_rule_test": [
+                alert("DatabaseDown", "1m", []),  # not for 2m yet
+                alert(
+                    "DatabaseDown",
+                    "5m",
+                    [
+                        fired(
+                            {**PG, "severity": "critical"},
+                            summary="PostgreSQL unreachable from the postgres exporter (127.0.0.1:9187)",
+                            runbook=rb + "data_not_stored.py",
+                        )
+                    ],
+                ),
+                alert(
+                    "ExporterDown",
+                    "10m",
+                    [
+                        fired(
+                            {**NODE, "severity": "warning"},
+                            summary="node at 127.0.0.1:9100 is not answering Prometheus",
+                        )
+                    ],
+                ),
+                alert("IngestNotConsuming", "15m", [fired({**ING, "severity": "critical"}, **not_stored)]),
             ],
         },
         {  # ingest: nothing committed while messages wait -> fires
