@@ -5,6 +5,7 @@ in `promtool test rules`."""
 from __future__ import annotations
 
 import functools
+import re
 import runpy
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from pyinfra.context import host
 
+from ingest.metrics import IngestMetrics
 from roles import monitoring as mon
 from roles._base import RoleError
 from roles._database import MONITOR_LOGIN
@@ -197,6 +200,31 @@ def test_wildcard_listen_address_is_refused() -> None:
         mon.listen_address("prometheus_listen_address", "9090")
     # A service that listens everywhere is still scraped on loopback.
     assert mon.scrape_target("ingest_http_address", "0.0.0.0:8081") == "127.0.0.1:8081"
+
+
+def test_every_metric_a_rule_reads_is_exported() -> None:
+    """A renamed metric would silence its alert without any error: check each name at its source."""
+    rules = yaml.safe_load(mon.render_rules(context()))
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    names = set(re.findall(r"\b(?:ingest|telemetry|pg|node)_[A-Za-z0-9_]+", exprs))
+    exposition = generate_latest(IngestMetrics().registry).decode()
+    scripts = "".join(p.read_text() for p in (REPO / "scripts").glob("*.py"))
+    # From the exporters themselves (node exporter 1.5, postgres exporter 0.11 in Debian 12).
+    exporters = {
+        "pg_up",
+        "node_filesystem_avail_bytes",
+        "node_filesystem_size_bytes",
+        "node_memory_MemAvailable_bytes",
+        "node_memory_MemTotal_bytes",
+    }
+    assert {n for n in names if n.startswith("ingest_")} and {n for n in names if n.startswith("telemetry_")}
+    for name in sorted(names):
+        if name.startswith("ingest_"):
+            assert re.search(rf"^{name}[{{ ]", exposition, re.M), f"{name}: not in ingest/metrics.py"
+        elif name.startswith("telemetry_"):
+            assert f'"{name}"' in scripts, f"{name}: no script in scripts/ writes it"
+        else:
+            assert name in exporters, name
 
 
 # --- alertmanager ----------------------------------------------------------------------------------
