@@ -228,3 +228,36 @@ alert_backup_max_age_hours = 26
 # the share of rejected messages (0.05 = 5 %) above which devices are probably misbehaving.
 alert_ingest_backlog = 1000
 alert_rejected_ratio = 0.05
+
+# === operations (roles/ops.py; README, "On the host: configuration, cron, boot and shutdown") ===
+# Alert recipients, SMTP relay, thresholds and the textfile folder are the monitoring section's
+# (alert_*, node_exporter_textfile_dir): the scripts and Alertmanager notify alike.
+# Seconds before a check that stays bad alerts again (one alert per check and cooldown, so a
+# flapping check cannot flood the recipients; warning -> critical alerts at once).
+health_alert_cooldown_seconds = 3600
+# Mosquitto's MQTT account for the health check's $SYS round trip (created by the deploy with a
+# password generated on the host; it may read $SYS/broker/uptime only). "" = no account: the health
+# check then has no broker check and the boot check only asks for a CONNACK. EMQX needs none.
+health_mqtt_user = "healthcheck"
+# Encrypted archives, on database hosts (a backup needs the database dump). Keep the folder on a
+# different disk than the database where one exists; the off-site copy covers losing the host.
+backup_dir = "/var/backups/telemetry"
+# Retention: the newest archive of each of the last N days and of the last M ISO weeks (about a
+# month back at 7 + 4 archives).
+backup_keep_daily = 7
+backup_keep_weekly = 4
+# Hour (host time, UTC) of the daily backup; the minute is derived from the host name. 03:xx: least
+# traffic on most sites. Docker cleanup runs an hour later, the weekly restore drill two hours later.
+backup_hour = 3
+# Day of the weekly restore drill, 0 = Sunday ... 6 = Saturday (cron's numbering).
+restore_drill_weekday = 0
+# Off-site copy by rsync after each verified backup: "user@host:/path/" over SSH, or a local path
+# (a mounted disk); "" = none. The SSH key and known_hosts file are the operator's to create (README).
+backup_offsite_target = ""
+backup_offsite_ssh_key = "/root/.ssh/telemetry_backup_ed25519"
+backup_offsite_known_hosts = "/root/.ssh/known_hosts_telemetry_backup"
+# Boot check: seconds each component (database, broker, ingest) gets to become healthy, before a
+# restart and again after each; and restarts per component. 180 s covers EMQX's and TimescaleDB's
+# start after an unclean shutdown; the unit's TimeoutStartSec follows from both.
+boot_check_wait_seconds = 180
+boot_check_restarts = 2

@@ -10,10 +10,10 @@ What this role writes, and what it leaves to others:
   cleanup daily. The jobs call the console scripts of the host virtualenv the ingest role installs.
 - ``telemetry-boot-check.service``: once per boot, after the stack's units, waits for database,
   broker and ingest health and restarts what stays unhealthy (``scripts/boot_check.py``).
-- Drop-ins for units other roles (or Debian) own: systemd stops in the reverse of the start order,
-  so "the broker starts after the database, ingest after both" is also "ingest stops first, then the
-  broker, then the database"; the database's stop runs a CHECKPOINT first, so the shutdown checkpoint
-  it must write is short.
+- Drop-ins for units that Debian or roles/stack.py own: systemd stops in the reverse of the start
+  order, so "the broker starts after the database" is also "the broker stops before it" (the ingest
+  role's own unit starts after both, so it stops first and flushes); the database's stop runs a
+  CHECKPOINT first, so the shutdown checkpoint it must then write is short.
 
 Backups and the restore drill log in as the database superuser ``postgres`` over TCP on loopback with
 the vault's ``db_superuser_password``: ``pg_dump`` of everything and the drill's CREATE DATABASE,
@@ -55,7 +55,7 @@ SMTP_PASSWORD_FILE = f"{SECRETS_DIR}/smtp.password"
 KEY_FILE = "/root/telemetry-backup.key"
 CRON_FILE = "/etc/cron.d/telemetry"
 # Console scripts ([project.scripts] in pyproject.toml) in the host virtualenv the ingest role
-# installs (ingest_venv_dir).
+# installs, beside ingest_bin.
 SCRIPTS = {
     "backup": "telemetry-backup",
     "restore": "telemetry-restore",
@@ -232,8 +232,9 @@ class Ops(Role):
 
     @property
     def scripts(self) -> dict[str, str]:
-        venv = str(self.data("ingest_venv_dir")).rstrip("/")
-        return {name: f"{venv}/bin/{binary}" for name, binary in SCRIPTS.items()}
+        # Beside the ingest CLI: one virtualenv holds every console script of the project.
+        bindir = str(self.data("ingest_bin")).rsplit("/", 1)[0]
+        return {name: f"{bindir}/{binary}" for name, binary in SCRIPTS.items()}
 
     @property
     def textfile_dir(self) -> str:
@@ -538,12 +539,7 @@ class Ops(Role):
         out: dict[str, str] = {}
         if s.broker_unit and s.database_unit:
             out[f"{SYSTEMD_DIR}/{s.broker_unit}.d/{ORDER_DROPIN}"] = render(
-                "ops/order.conf.j2", unit=s.broker_unit, after=[s.database_unit], why="broker"
-            )
-        if s.ingest and (s.broker_unit or s.database_unit):
-            after = [u for u in (s.database_unit, s.broker_unit) if u]
-            out[f"{SYSTEMD_DIR}/{INGEST_UNIT}.d/{ORDER_DROPIN}"] = render(
-                "ops/order.conf.j2", unit=INGEST_UNIT, after=after, why="ingest"
+                "ops/order.conf.j2", unit=s.broker_unit, after=[s.database_unit]
             )
         if s.database == "postgresql":
             version = self.data("postgresql_version")
