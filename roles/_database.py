@@ -12,7 +12,6 @@ from roles._base import Role, RoleError, render
 from roles.facts import MemTotalMiB
 from roles.secrets import secrets_for
 
-
 #: The postgres exporter's login (roles/monitoring.py), a member of the built-in pg_monitor role: read
 #: statistics, nothing of the data. Named after the OS user Debian's prometheus-postgres-exporter runs as,
 #: so that on the apt backend it logs in by peer authentication over the socket and has no password at
