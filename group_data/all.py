@@ -229,6 +229,46 @@ alert_backup_max_age_hours = 26
 alert_ingest_backlog = 1000
 alert_rejected_ratio = 0.05
 
+# === ingest service (roles/ingest.py; README, "The ingest service on a host") ===
+# CPython of the hosts' distribution (Debian 12: 3.11). The wheelhouse is downloaded for it, and the
+# deploy stops with a clear message on a host whose python3 differs.
+ingest_host_python = "3.11"
+# glibc of the hosts (Debian 12: 2.36): the newest manylinux tag a downloaded wheel may require.
+ingest_host_glibc = "2.36"
+# Where the project's wheel, its dependency wheels and their lock file are uploaded; pip installs from
+# here with --no-index, so hosts need no route to PyPI.
+ingest_wheelhouse_dir = "/opt/telemetry/wheelhouse"
+# The host virtualenv: bin/ holds ingest, provision and the telemetry-* host scripts (ingest_bin and
+# provision_bin above point into it). Root-owned, world-readable: the postgres user runs migrations from it.
+ingest_venv_dir = "/opt/telemetry/venv"
+# Dedicated system user (and group) the service runs as; only this group may read its secret files.
+ingest_service_user = "telemetry-ingest"
+# The service's configuration file, and the folder of its secret files (0640 root:<service group>).
+ingest_config_file = "/etc/telemetry/ingest.toml"
+ingest_secrets_dir = "/etc/telemetry/ingest"
+# The service's MQTT account: created or refreshed by every deploy from the vault's mqtt_ingest_password.
+ingest_mqtt_username = "ingest"
+# Broker the service reads from. On 127.0.0.1 it uses the broker's plain loopback listener
+# (mqtt_loopback_port); any other address gets TLS on mqtt_tls_port, verified by the system CAs.
+ingest_mqtt_host = "127.0.0.1"
+# MQTT client id (names the persistent session: unique and stable per worker). Empty: "ingest-" + the
+# first label of the host's name.
+ingest_mqtt_client_id = ""
+# Subscribe through $share/<group>/... so several workers split the load ("" = a single worker). The
+# ingest group sets it (group_data/ingest.py); see README, "Shared subscriptions", before using it with Mosquitto.
+ingest_shared_group = ""
+# Database host the service and its API connect to: loopback on a single host, the database's
+# private_address on a cluster.
+ingest_database_host = "127.0.0.1"
+# SIGTERM bound: the service stops reading, commits and acknowledges what it holds within this many
+# seconds. systemd waits ingest_stop_margin_s longer (TimeoutStopSec) before SIGKILL, for the process's
+# own exit after the flush.
+ingest_shutdown_timeout_s = 15
+ingest_stop_margin_s = 10
+# Serve POST /v1/devices/register (nginx proxies /v1/ to ingest_http_address); the HMAC key is the
+# vault's ingest_api_hmac_key, the database login the provisioner's.
+ingest_api_enabled = True
+
 # === operations (roles/ops.py; README, "On the host: configuration, cron, boot and shutdown") ===
 # Alert recipients, SMTP relay, thresholds and the textfile folder are the monitoring section's
 # (alert_*, node_exporter_textfile_dir): the scripts and Alertmanager notify alike.

@@ -10,6 +10,7 @@ from pyinfra.operations import server
 from ingest.schema import ROLE_BROKER, ROLE_INGEST, ROLE_PROVISIONER
 from roles._base import Role, RoleError, render
 from roles.facts import MemTotalMiB
+from roles.ingest import package_changed
 from roles.secrets import secrets_for
 
 #: The postgres exporter's login (roles/monitoring.py), a member of the built-in pg_monitor role: read
@@ -92,11 +93,12 @@ class DatabaseRole(Role):
     def run_sql_and_migrations(self, psql: str, migrate_dsn: str, password_file: str | None, **ctx: Any) -> None:
         """Apply the login SQL, then the schema migrations with the ingest CLI, then the SQL again
         (the grants need the group roles the first migration creates). Runs only when something of
-        this role changed; the ingest role re-runs migrations when its own package changes."""
+        this role changed, or when ingest_package (which runs before this role) installed new code,
+        whose migrations must then apply."""
         if not self.has_systemd:
             self.warn_once("systemd is not PID 1: database not running, logins and migrations deferred")
             return
-        changed = self.changed("install", "config", "unit", "roles")
+        changed = self.any_of(self.changed("install", "config", "unit", "roles"), package_changed(self.host))
         ingest = self.data("ingest_bin")
         pw = f" --password-file {password_file}" if password_file else ""
         server.shell(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from io import StringIO
 from typing import Any
 
-from pyinfra.operations import apt
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+from pyinfra.facts.files import File
+from pyinfra.operations import apt, files
 
-from roles._base import Role, RoleError, render, role_deploy
+from roles._base import Role, RoleError, logger, render, role_deploy
 from roles.facts import MosquittoExport
 from roles.secrets import secrets_for
 
@@ -27,6 +32,31 @@ def size_bytes(text: str) -> int:
 
 def render_config(ctx: dict[str, Any]) -> str:
     return render("broker_mosquitto/mosquitto.conf.j2", **ctx)
+
+
+@operation()
+def auth_files(provision_bin: str, dsn: str, passwd_path: str, acl_path: str) -> Generator[Any, None, None]:
+    """Mosquitto's password and ACL files as ``provision export-mosquitto`` renders them from the
+    database (it reads it with the broker's read-only login), uploaded only when they differ.
+
+    The export runs when this operation *executes*, after the database role and the ingest service's
+    account (roles/plan.py), not when the deploy is planned: so the first deploy of a fresh host ends
+    with the accounts exported, and the second one has nothing to change. When the export gives
+    nothing (provision CLI not installed, database not answering), existing files are kept -- a
+    database outage during a deploy must not lock every device out -- and only missing ones get the
+    deny-all content. Password hashes: readable by the broker's group only."""
+    exported = host.get_fact(MosquittoExport, provision_bin, dsn, DB_PASSWORD_FILE)
+    for key, path in (("passwd", passwd_path), ("acl", acl_path)):
+        if exported:
+            content = exported[key]
+        elif host.get_fact(File, path=path):
+            continue
+        else:
+            logger.warning(
+                "%s: no accounts exported yet (database or provision CLI not ready): deny-all %s", host.name, path
+            )
+            content = DENY_ALL[key]
+        yield from files.put._inner(src=StringIO(content), dest=path, user="root", group="mosquitto", mode="0640")
 
 
 class BrokerMosquitto(Role):
@@ -54,21 +84,11 @@ class BrokerMosquitto(Role):
             "acl_file": self.data("mosquitto_acl_file"),
         }
 
-    def export_auth(self) -> dict[str, str]:
-        """The password and ACL files' contents: the one place to change how they are produced.
-
-        Runs `provision export-mosquitto` on the host (it reads the database with the broker's
-        read-only login) through a fact, so the deploy compares contents and sends SIGHUP only when
-        they differ."""
-        dsn = (
+    def export_dsn(self) -> str:
+        return (
             f"host=127.0.0.1 port={self.data('database_port')} dbname={self.data('database_name')} "
             f"user={self.data('db_broker_user')}"
         )
-        exported = self.host.get_fact(MosquittoExport, self.data("provision_bin"), dsn, DB_PASSWORD_FILE)
-        if not exported:
-            self.warn_once("no accounts exported yet (database or provision CLI not ready): deny-all files")
-            return dict(DENY_ALL)
-        return dict(exported)
 
     def install(self) -> None:
         apt.packages(
@@ -88,10 +108,16 @@ class BrokerMosquitto(Role):
             mode="0600",
             secret=True,
         )
-        auth = self.export_auth()
-        for content, path in ((auth["passwd"], "mosquitto_passwd_file"), (auth["acl"], "mosquitto_acl_file")):
-            # Password hashes: readable by the broker's group only.
-            self.put(content, self.data(path), key="auth", mode="0640", group="mosquitto", secret=True)
+        self.record(
+            "auth",
+            auth_files(
+                name="broker_mosquitto: password and ACL files (provision export-mosquitto)",
+                provision_bin=str(self.data("provision_bin")),
+                dsn=self.export_dsn(),
+                passwd_path=str(self.data("mosquitto_passwd_file")),
+                acl_path=str(self.data("mosquitto_acl_file")),
+            ),
+        )
 
     def activate(self) -> None:
         # SIGHUP (the Debian unit's reload) re-reads password and ACL files without dropping sessions.

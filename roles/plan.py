@@ -15,6 +15,7 @@ from roles.certbot import certbot
 from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.docker import docker
+from roles.ingest import PACKAGE_GROUPS, ingest, ingest_account, ingest_package
 from roles.logrotate import logrotate
 from roles.monitoring import monitoring
 from roles.nginx import nginx
@@ -63,16 +64,32 @@ def web_roles(host: Host) -> list[Deploy]:
     return [nginx, certbot]
 
 
+def ingest_roles(host: Host) -> tuple[list[Deploy], list[Deploy], list[Deploy]]:
+    """The host virtualenv (before the database, which migrates with its ``ingest`` CLI) wherever a
+    database, broker or ingest runs; on ingest hosts, the service's account (before the broker, which
+    reads accounts from the database) and the service itself (after the broker: it starts last, so it
+    stops first). See roles/ingest.py."""
+    package = [ingest_package] if set(PACKAGE_GROUPS) & set(host.groups) else []
+    if "ingest" not in host.groups:
+        return package, [], []
+    return package, [ingest_account], [ingest]
+
+
 def all_roles(host: Host) -> list[Deploy]:
-    """Base first (firewall, users), then Docker, then the database the broker authenticates against;
-    certificates before the broker, which reads them at start; monitoring of what runs on the host (it
-    scrapes only what the host's groups put there); log rotation for what they write."""
+    """Base first (firewall, users), then Docker, the host virtualenv, then the database the broker
+    authenticates against; certificates before the broker, which reads them at start; the ingest
+    service after the broker; monitoring of what runs on the host (it scrapes only what the host's
+    groups put there); log rotation for what they write."""
+    package, account, service = ingest_roles(host)
     return [
         base,
         *docker_roles(host),
+        *package,
         *database_roles(host),
+        *account,
         *web_roles(host),
         *broker_roles(host),
+        *service,
         monitoring,
         *ops_roles(host),
         logrotate,

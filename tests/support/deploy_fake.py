@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from hashlib import sha256
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,11 @@ def collect(state: State) -> dict[str, HostResult]:
                         if isinstance(src, StringIO):
                             op.uploads[cmd.dest] = src.getvalue()
                         else:
-                            op.uploads[cmd.dest] = Path(str(src)).read_text()
+                            raw = Path(str(src)).read_bytes()
+                            try:
+                                op.uploads[cmd.dest] = raw.decode()
+                            except UnicodeDecodeError:  # a wheel, an archive: its digest stands in
+                                op.uploads[cmd.dest] = f"<binary: {len(raw)} bytes, sha256 {sha256(raw).hexdigest()}>"
                     else:
                         op.commands.append(_command_text(cmd))
             ops.append(op)

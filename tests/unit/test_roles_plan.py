@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pyinfra.context import host
 
+import roles.ingest
+from roles._wheel import Bundle, lock_text
 from roles.plan import all_roles
 from tests.support.deploy_fake import run_deploys
+
+
+@pytest.fixture(autouse=True)
+def small_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in wheelhouse: the real one is built and tested in tests/integration/test_ingest_role_wheel.py."""
+    wheel = tmp_path / "paho_mqtt-2.2.0-py3-none-any.whl"
+    wheel.write_text("wheel\n")
+    project = tmp_path / "telemetry_platform-0.1.0-py3-none-any.whl"
+    project.write_text("project\n")
+    b = Bundle(tmp_path, (wheel,), lock_text([wheel]), project)
+    monkeypatch.setattr(roles.ingest, "bundle", lambda target: b)
 
 
 def everything() -> None:
@@ -23,17 +38,28 @@ SIGNATURE = {
     "database_postgresql": "/etc/telemetry/database-roles.sql",
     "broker_emqx": "/srv/telemetry/emqx/etc/emqx.conf",
     "broker_mosquitto": "/etc/mosquitto/mosquitto.conf",
+    "ingest_package": "/opt/telemetry/wheelhouse/requirements.lock",
+    "ingest_account": "/etc/telemetry/ingest/mqtt.password",
+    "ingest": "/etc/systemd/system/telemetry-ingest.service",
 }
 
 
 @pytest.mark.parametrize(
     ("inventory", "host_name", "expected"),
     [
-        ("prod", "telemetry.example.net", ["base", "docker", "database_timescaledb", "broker_emqx"]),
-        ("lab", "lab.telemetry.test", ["base", "docker", "database_postgresql", "broker_mosquitto"]),
-        ("cluster-example", "broker-b.cluster.example.net", ["base", "docker", "broker_emqx"]),
-        ("cluster-example", "ingest-a.cluster.example.net", ["base"]),
-        ("cluster-example", "db-a.cluster.example.net", ["base", "docker", "database_timescaledb"]),
+        (
+            "prod",
+            "telemetry.example.net",
+            ["base", "docker", "ingest_package", "database_timescaledb", "ingest_account", "broker_emqx", "ingest"],
+        ),
+        (
+            "lab",
+            "lab.telemetry.test",
+            ["base", "docker", "ingest_package", "database_postgresql", "ingest_account", "broker_mosquitto", "ingest"],
+        ),
+        ("cluster-example", "broker-b.cluster.example.net", ["base", "docker", "ingest_package", "broker_emqx"]),
+        ("cluster-example", "ingest-a.cluster.example.net", ["base", "ingest_package", "ingest_account", "ingest"]),
+        ("cluster-example", "db-a.cluster.example.net", ["base", "docker", "ingest_package", "database_timescaledb"]),
     ],
 )
 def test_roles_per_host(inventory: str, host_name: str, expected: list[str]) -> None:
@@ -41,6 +67,7 @@ def test_roles_per_host(inventory: str, host_name: str, expected: list[str]) -> 
     uploaded = list(result.files)
     present = [role for role, path in SIGNATURE.items() if path in uploaded]
     assert sorted(present) == sorted(expected)
-    # order: base before docker before the database before the broker
+    # order: base, docker, the host virtualenv, the database (migrates with it), the ingest account
+    # (the broker reads accounts from the database), the broker, the ingest service (stops first)
     positions = [uploaded.index(SIGNATURE[role]) for role in expected]
     assert positions == sorted(positions)
