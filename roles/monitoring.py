@@ -217,7 +217,7 @@ class Monitoring(Role):
         self.put(render_prometheus(ctx), PROMETHEUS_CONFIG, key="prometheus")
         self.put(render_rules(ctx), RULES, key="prometheus")
         self.put(render_alertmanager(ctx), ALERTMANAGER_CONFIG, key="alertmanager", mode="0640", group="prometheus")
-        if ctx["smtp"]["password_file"]:
+        if ctx["alert_email"] and ctx["smtp"]["password_file"]:
             password = secrets_for(self.host)["alert_smtp_password"]
             self.put(
                 password + "\n", SMTP_PASSWORD_FILE, key="alertmanager", mode="0640", group="prometheus", secret=True

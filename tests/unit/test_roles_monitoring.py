@@ -24,7 +24,7 @@ from roles._database import MONITOR_LOGIN
 from roles.database_postgresql import database_postgresql
 from roles.database_timescaledb import database_timescaledb
 from roles.plan import all_roles
-from roles.secrets import decrypt_file
+from roles.secrets import VaultError, decrypt_file
 from tests.support.deploy_fake import REPO, TEST_VAULT_DIR, TEST_VAULT_PASSWORD, HostResult, run_deploys
 
 PROMTOOL = shutil.which("promtool")
@@ -248,6 +248,15 @@ def test_receivers_follow_group_data() -> None:
     assert email["from"].startswith("alertmanager@") and "auth_username" not in email
     assert ops["webhook_configs"] == [{"url": "https://hooks.example.org/telemetry", "send_resolved": True}]
     assert mode_of(r, mon.ALERTMANAGER_CONFIG) == "640"
+
+
+def test_smtp_login_needs_its_vault_password() -> None:
+    override = {"alert_email": "ops@example.org", "alert_smtp_username": "alertmanager"}
+    with pytest.raises(VaultError, match="alert_smtp_password"):
+        run_deploys("lab", [mon.monitoring], override=override)
+    # Without e-mail recipients the login is unused: no secret is needed or written.
+    (r,) = run_deploys("lab", [mon.monitoring], override={"alert_smtp_username": "alertmanager"}).values()
+    assert mon.SMTP_PASSWORD_FILE not in r.files
 
 
 def test_no_receiver_routes_to_null() -> None:
