@@ -21,6 +21,11 @@ the vault's ``db_superuser_password``: ``pg_dump`` of everything and the drill's
 root from cron, which the apt cluster's ``peer`` line for ``postgres`` would refuse. The TimescaleDB
 image sets that password at initialisation; on the apt backend this role sets it (only when a login
 with the file's password fails, or the vault changed it).
+
+Mosquitto's health check is a ``$SYS`` round trip, which needs an account allowed to read ``$SYS``
+(``#`` never matches it): this role keeps one (``health_mqtt_user``, password generated on the host,
+``provision ensure-service`` guarded by a ``--check`` fact) and re-exports Mosquitto's files when it
+changed it. EMQX's status API needs no account.
 """
 
 from __future__ import annotations
