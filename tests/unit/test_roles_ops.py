@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,10 @@ import pytest
 import yaml
 
 from roles._base import RoleError
+from roles.broker_emqx import broker_emqx
+from roles.broker_mosquitto import broker_mosquitto
+from roles.database_postgresql import database_postgresql
+from roles.database_timescaledb import database_timescaledb
 from roles.ops import (
     BOOT_UNIT,
     CRON_FILE,
@@ -611,14 +615,25 @@ def verify_in_root(files: dict[str, str], units: list[str], tmp: Path) -> dict[s
 
 
 @pytest.mark.parametrize(
-    ("inventory", "units"),
+    ("inventory", "roles", "units"),
     [
-        ("lab", [BOOT_UNIT, "mosquitto.service", "postgresql@15-main.service"]),
-        ("prod", [BOOT_UNIT, "telemetry-emqx.service", "telemetry-timescaledb.service"]),
+        (
+            "lab",
+            [database_postgresql, broker_mosquitto],
+            [BOOT_UNIT, "mosquitto.service", "postgresql@15-main.service"],
+        ),
+        (
+            "prod",
+            [database_timescaledb, broker_emqx],
+            [BOOT_UNIT, "telemetry-emqx.service", "telemetry-timescaledb.service"],
+        ),
     ],
 )
-def test_units_and_dropins_pass_systemd_analyze_verify(inventory: str, units: list[str], tmp_path: Path) -> None:
-    (r,) = run_deploys(inventory, [everything]).values()
+def test_units_and_dropins_pass_systemd_analyze_verify(
+    inventory: str, roles: list[Callable[[], Any]], units: list[str], tmp_path: Path
+) -> None:
+    """With the units the database and broker roles write (the compose projects'), and Debian's."""
+    (r,) = run_deploys(inventory, [*roles, ops]).values()
     dropins = [p for p in r.files if p.startswith(SYSTEMD) and ".service.d/telemetry-" in p]
     assert len(dropins) == 2, dropins  # the broker's order, the database's checkpoint
     assert verify_in_root(r.files, units, tmp_path) == dict.fromkeys(units, "")
