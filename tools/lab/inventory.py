@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from roles import ingest, monitoring, stack
 from tools.lab.target import REPO
 
 
@@ -32,6 +33,17 @@ class InventoryHost:
             units.append("mosquitto")
         if "nginx" in self.roles:
             units.append("nginx")
+        for role, project in (("broker_emqx", "emqx"), ("database_timescaledb", "timescaledb")):
+            if role in self.roles:
+                units.append(stack.unit_name(project).removesuffix(".service"))
+        if "ingest" in self.roles:
+            units.append(ingest.UNIT.removesuffix(".service"))
+        if "monitoring" in self.roles:
+            units += [monitoring.UNITS[k] for k in ("prometheus", "alertmanager", "node")]
+            if "databases" in self.groups:
+                units.append(monitoring.UNITS["postgres"])
+        if "ops" in self.roles:
+            units.append("cron")
         return units
 
 
