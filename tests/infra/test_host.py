@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from roles import ingest, ops
 from roles.base import FIREWALL_SCRIPT, SSHD_DROPIN
 from roles.broker_mosquitto import DB_PASSWORD_FILE
 from roles.docker import DAEMON_JSON, daemon_json
@@ -168,6 +169,13 @@ def secret_files(expected: InventoryHost) -> dict[str, tuple[int, str, str]]:
     files: dict[str, tuple[int, str, str]] = {f"/etc/sudoers.d/90-{data['admin_user']}": (0o440, "root", "root")}
     if "database_postgresql" in expected.roles:
         files["/etc/telemetry/database-roles.sql"] = (0o600, "postgres", "postgres")
+    if "ingest_account" in expected.roles:
+        group = str(data["ingest_service_user"])
+        for name in ingest.SECRET_FILES:
+            files[f"{data['ingest_secrets_dir']}/{name}"] = (0o640, "root", group)
+    if "ops" in expected.roles and "databases" in expected.groups:
+        files[ops.KEY_FILE] = (0o600, "root", "root")
+        files[ops.DB_PASSWORD_FILE] = (0o600, "root", "root")
     if "broker_mosquitto" in expected.roles:
         files[DB_PASSWORD_FILE] = (0o600, "root", "root")
         files[str(data["mosquitto_passwd_file"])] = (0o640, "root", "mosquitto")
