@@ -46,6 +46,10 @@ class Lab:
         broker.start()
         return broker, env
 
+    @property
+    def pg_pid(self) -> int:
+        return int((self.pg.datadir / "postmaster.pid").read_text().split()[0])
+
     def truncate(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("TRUNCATE telemetry")
@@ -110,6 +114,75 @@ def proc_stats(pid: int) -> dict[str, float]:
     if not peak:
         raise ProcessLookupError(pid)  # a zombie has no memory figures left: keep the last sample
     return {"cpu_s": round(cpu, 2), "peak_rss_mib": round(peak, 1)}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user+system) of a process and all its live descendants, plus what its reaped
+    children used (cutime/cstime): continuous across backends that exit (PostgreSQL) as long as
+    the root lives. 0.0 when the root is gone."""
+    children: dict[int, list[int]] = {}
+    own: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        p = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(p)
+        own[p] = sum(int(x) for x in fields[11:15]) / CLK_TCK
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += own.get(p, 0.0)
+        todo.extend(children.get(p, ()))
+    return total
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, idle seconds) from /proc/stat, all cores summed."""
+    with open("/proc/stat") as fh:
+        vals = [int(x) for x in fh.readline().split()[1:]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    return (sum(vals[:8]) - idle) / CLK_TCK, idle / CLK_TCK
+
+
+class CpuAccount:
+    """CPU seconds per named process tree between start() and stop(), and the machine's busy time
+    that none of them explains ("other": other jobs on the host, the benchmark itself, the kernel's
+    softirq work not charged to a process). Tells where the time went and how loaded the host was."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.t0 = 0.0
+        self.start_cpu: dict[str, float] = {}
+        self.start_busy = 0.0
+
+    def start(self) -> CpuAccount:
+        self.t0 = time.monotonic()
+        self.start_cpu = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.start_busy = machine_busy_seconds()[0]
+        return self
+
+    def stop(self, final: dict[str, float] | None = None) -> dict[str, Any]:
+        """``final``: the CPU seconds of trees whose root already exited (sampled before it did)."""
+        wall = time.monotonic() - self.t0
+        final = final or {}
+        used = {
+            name: round(final.get(name, tree_cpu_seconds(pid)) - self.start_cpu[name], 2)
+            for name, pid in self.pids.items()
+        }
+        busy = machine_busy_seconds()[0] - self.start_busy
+        return {
+            "wall_s": round(wall, 2),
+            "cpu_s": used,
+            "machine_busy_s": round(busy, 2),
+            "other_s": round(busy - sum(used.values()), 2),
+            "machine_busy_pct": round(100 * busy / (wall * (os.cpu_count() or 1)), 1) if wall > 0 else None,
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+        }
 
 
 def emit(result: dict[str, Any]) -> None:
