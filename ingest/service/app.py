@@ -304,6 +304,7 @@ class IngestService:
             if gen == self._gen:
                 self.client.ack_many(mid for _t, _p, mid in items)
             self._pending -= len(items)
+        self.client.wake.set()  # a paused network thread: read again, write the PUBACKs
         self._last_commit = time.monotonic()
         self._record(batch, len(items), result.inserted, result.duplicates, elapsed, self._last_commit - received_at)
         return True
