@@ -96,6 +96,7 @@ class IngestService:
             reconnect_on_failure=True,
         )
         self.client.paused = self._paused
+        self.client.sink_many = self._on_publish_many
         self.client.username_pw_set(m.username, m.password)
         if m.tls:
             self.client.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None)
@@ -116,6 +117,18 @@ class IngestService:
                 self._first_at = time.monotonic()
             if len(inbox) == self.cfg.ingest.batch_max_messages:
                 self._wake.set()  # once: Event.set takes a lock; the writer re-checks the size itself
+
+    def _on_publish_many(self, items: list[Item]) -> None:
+        with self._lock:
+            inbox = self._inbox
+            before = len(inbox)
+            inbox += items
+            self._pending += len(items)
+            if before == 0:
+                self._first_at = time.monotonic()
+            size = self.cfg.ingest.batch_max_messages
+            if before < size <= len(inbox):
+                self._wake.set()
 
     def _paused(self) -> bool:
         return self._stopping.is_set() or self._pending >= self.cfg.ingest.max_buffer_messages

@@ -58,6 +58,8 @@ class FastClient(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self.paused: Callable[[], bool] = lambda: False
+        # MQTT 3.1.1 QoS 1 PUBLISH packets already in the read buffer go here in one call per read.
+        self.sink_many: Callable[[list[tuple[bytes, bytes, int]]], None] | None = None
         # Set by the consumer when it frees buffer space or queues PUBACKs: ends a paused wait.
         self.wake = threading.Event()
         self.on_message = self._on_stock_message
@@ -86,21 +88,72 @@ class FastClient(mqtt.Client):
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         if self.paused():
             # Backpressure: leave data in the kernel; TCP flow control then holds the broker back.
-            # (_loop_paused sleeps, so this is no busy loop.)
+            # (_loop sleeps while paused, so this is no busy loop.)
             return MQTTErrorCode.MQTT_ERR_SUCCESS
-        rc = super().loop_read(max_packets)
         if not FAST_PATHS:
-            return rc
+            return super().loop_read(max_packets)
+        drain = self.sink_many is not None and self._protocol != MQTTProtocolVersion.MQTTv5
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         n = 0
-        while (
-            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            and self._sock is not None
-            and self.buffered()
-            and n < _MAX_PACKETS_PER_READ
-        ):
+        while n < _MAX_PACKETS_PER_READ:
+            if drain and self._in_packet["command"] == 0:
+                n += self._drain_publishes()
+            # One packet the paho way: whatever the buffer's head is (not a whole QoS 1 PUBLISH, or
+            # the buffer is empty and this refills it from the socket with one recv), with paho's
+            # own handling of partial packets, errors and end of stream.
             rc = super().loop_read(max_packets)
             n += 1
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None or not self.buffered():
+                break
         return rc
+
+    def _drain_publishes(self) -> int:
+        """Hand every complete MQTT 3.1.1 QoS 1 PUBLISH at the head of the read buffer to
+        ``sink_many`` in one call; stop at the first other packet or an incomplete one (paho's
+        ``_packet_read`` takes those). Per message this is a few slices instead of paho's
+        per-packet state machine (five ``_sock_recv`` calls, a dict reset, a lock): the network
+        thread's CPU per message fell from 5.9 to ~1.5 us (bench/ingest_drain.py)."""
+        buf = self._rbuf
+        pos = self._rpos
+        end = len(buf)
+        items: list[tuple[bytes, bytes, int]] = []
+        append = items.append
+        while pos + 5 <= end:
+            if buf[pos] & 0xF6 != 0x32:  # PUBLISH, QoS 1 (DUP and RETAIN may be set)
+                break
+            # Remaining length: a varint of at most 4 bytes.
+            i = pos + 1
+            b = buf[i]
+            length = b & 127
+            i += 1
+            shift = 7
+            while b & 128:
+                if i >= end or shift > 21:
+                    length = -1  # incomplete here, or malformed: paho decides
+                    break
+                b = buf[i]
+                length |= (b & 127) << shift
+                i += 1
+                shift += 7
+            if length < 0:
+                break
+            stop = i + length
+            if stop > end or length < 4:
+                break
+            slen = (buf[i] << 8) | buf[i + 1]
+            if slen == 0 or length < slen + 4:
+                break  # malformed: paho's decoder reports the protocol error
+            t = i + 2 + slen
+            append((buf[i + 2 : t], buf[t + 2 : stop], (buf[t] << 8) | buf[t + 1]))
+            pos = stop
+        if not items:
+            return 0
+        self._rpos = pos
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        assert self.sink_many is not None
+        self.sink_many(items)
+        return len(items)
 
     def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
         if self.paused():
