@@ -37,7 +37,8 @@ def render_config(ctx: dict[str, Any]) -> str:
 @operation()
 def auth_files(provision_bin: str, dsn: str, passwd_path: str, acl_path: str) -> Generator[Any, None, None]:
     """Mosquitto's password and ACL files as ``provision export-mosquitto`` renders them from the
-    database (it reads it with the broker's read-only login), uploaded only when they differ.
+    database, uploaded only when they differ. It logs in as the provisioner: the broker's login may
+    not read ``mosquitto_hash`` (migration 0002 grants it only what EMQX's queries read).
 
     The export runs when this operation *executes*, after the database role and the ingest service's
     account (roles/plan.py), not when the deploy is planned: so the first deploy of a fresh host ends
@@ -87,7 +88,7 @@ class BrokerMosquitto(Role):
     def export_dsn(self) -> str:
         return (
             f"host=127.0.0.1 port={self.data('database_port')} dbname={self.data('database_name')} "
-            f"user={self.data('db_broker_user')}"
+            f"user={self.data('db_provisioner_user')}"
         )
 
     def install(self) -> None:
@@ -102,7 +103,7 @@ class BrokerMosquitto(Role):
     def configure(self) -> None:
         self.put(render_config(self.context()), CONFIG, key="config")
         self.put(
-            secrets_for(self.host)["db_broker_password"] + "\n",
+            secrets_for(self.host)["db_provisioner_password"] + "\n",
             DB_PASSWORD_FILE,
             key="db",
             mode="0600",
