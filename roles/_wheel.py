@@ -52,6 +52,7 @@ README_STUB = (
     "# telemetry-platform\n\nThe host package of the IoT telemetry platform: the ingest service, "
     "the provisioning CLI, the host scripts and the device simulator. See the repository's README.\n"
 )
+KEEP_WHEELS = 5
 _WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
 
 
@@ -256,6 +257,9 @@ def project_wheel() -> Path:
         tmp.rename(folder)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    # Every source edit makes a new wheel: keep the few latest (another checkout may deploy them).
+    for old in sorted(CACHE.glob("wheel-*"), key=lambda p: p.stat().st_mtime)[:-KEEP_WHEELS]:
+        shutil.rmtree(old, ignore_errors=True)
     return folder / wheel.name
 
 
