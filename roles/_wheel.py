@@ -162,6 +162,18 @@ def lock_text(wheels: list[Path]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move a finished build into the cache in one rename. A concurrent deploy that finished first
+    (same key, so the same content) wins; a leftover incomplete folder is replaced."""
+    if folder.exists() and not any(folder.glob("*.whl")):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not any(folder.glob("*.whl")):
+            raise
+
+
 def wheelhouse(target: Target, requirements: list[str] | None = None) -> tuple[Path, str]:
     """The dependency wheels for ``target`` (downloaded once per pin set) and their lock file's text."""
     requirements = host_requirements() if requirements is None else requirements
@@ -183,8 +195,7 @@ def wheelhouse(target: Target, requirements: list[str] | None = None) -> tuple[P
                 f"downloading the dependencies for Python {target.python} on {target.platform}",
             )  # fmt: skip
             (tmp / "requirements.lock").write_text(lock_text(list(tmp.glob("*.whl"))))
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
+            _publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("ingest: wheelhouse %s downloaded in %.1f s", folder.name, time.monotonic() - started)
@@ -253,8 +264,7 @@ def project_wheel() -> Path:
         tmp = stage / "result"
         tmp.mkdir()
         shutil.move(str(wheel), tmp / wheel.name)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     # Every source edit makes a new wheel: keep the few latest (another checkout may deploy them).
