@@ -14,7 +14,7 @@ from ingest.hashing import HashAlgorithm, mosquitto_verify, verify_password
 from ingest.provision_cli import main
 from ingest.schema import ROLE_PROVISIONER
 
-VAULT_PASSWORD = "s3cret-from-the-vault"  # the test stands in for the vault
+VAULT_PASSWORD = "kept-in-the-vault-not-here"  # the test stands in for the vault
 TOPICS = ["devices/+/telemetry", "$share/ingest/devices/+/telemetry"]
 
 Run = Callable[..., tuple[int, dict[str, object], str]]
