@@ -249,6 +249,19 @@ class Monitoring(Role):
         # daemon keeps its previous configuration (a SIGHUP with a bad file only logs an error).
         prometheus = self.changed("prometheus", "prometheus_args")
         alertmanager = self.changed("alertmanager", "alertmanager_args")
+        units = [UNITS[k] for k in ("prometheus", "alertmanager", "node")]
+        if self.watches_database:
+            units.append(UNITS["postgres"])
+        if self.has_systemd:
+            # On a fresh install the packages start their daemons with Debian's defaults; the postgres
+            # exporter's empty DSN makes it crash-loop into systemd's start limit, and a start refused
+            # by the limit would fail this deploy although its configuration is now right (seen on the
+            # lab). Clearing the failed state lets the starts below use the files written above.
+            server.shell(
+                name="monitoring: clear the failed state of daemons started with Debian's defaults",
+                commands=[f"systemctl reset-failed {' '.join(units)} || true"],
+                _if=self.changed("install"),
+            )
         server.shell(
             name="monitoring: promtool check config",
             commands=[f"promtool check config {PROMETHEUS_CONFIG}"],
