@@ -41,7 +41,12 @@ SIGNATURE = {
     "ingest_package": "/opt/telemetry/wheelhouse/requirements.lock",
     "ingest_account": "/etc/telemetry/ingest/mqtt.password",
     "ingest": "/etc/systemd/system/telemetry-ingest.service",
+    "monitoring": "/etc/prometheus/prometheus.yml",
+    "ops": "/etc/cron.d/telemetry",
+    "logrotate": "/etc/logrotate.d/telemetry",
 }
+# Every host of the platform's groups watches itself, gets the operations side and log rotation, last.
+LAST = ["monitoring", "ops", "logrotate"]
 
 
 @pytest.mark.parametrize(
@@ -50,16 +55,42 @@ SIGNATURE = {
         (
             "prod",
             "telemetry.example.net",
-            ["base", "docker", "ingest_package", "database_timescaledb", "ingest_account", "broker_emqx", "ingest"],
+            [
+                "base",
+                "docker",
+                "ingest_package",
+                "database_timescaledb",
+                "ingest_account",
+                "broker_emqx",
+                "ingest",
+                *LAST,
+            ],
         ),
         (
             "lab",
             "lab.telemetry.test",
-            ["base", "docker", "ingest_package", "database_postgresql", "ingest_account", "broker_mosquitto", "ingest"],
+            [
+                "base",
+                "docker",
+                "ingest_package",
+                "database_postgresql",
+                "ingest_account",
+                "broker_mosquitto",
+                "ingest",
+                *LAST,
+            ],
         ),
-        ("cluster-example", "broker-b.cluster.example.net", ["base", "docker", "ingest_package", "broker_emqx"]),
-        ("cluster-example", "ingest-a.cluster.example.net", ["base", "ingest_package", "ingest_account", "ingest"]),
-        ("cluster-example", "db-a.cluster.example.net", ["base", "docker", "ingest_package", "database_timescaledb"]),
+        ("cluster-example", "broker-b.cluster.example.net", ["base", "docker", "ingest_package", "broker_emqx", *LAST]),
+        (
+            "cluster-example",
+            "ingest-a.cluster.example.net",
+            ["base", "ingest_package", "ingest_account", "ingest", *LAST],
+        ),
+        (
+            "cluster-example",
+            "db-a.cluster.example.net",
+            ["base", "docker", "ingest_package", "database_timescaledb", *LAST],
+        ),
     ],
 )
 def test_roles_per_host(inventory: str, host_name: str, expected: list[str]) -> None:
