@@ -3,7 +3,10 @@ single socket is opened, so bad input fails with one line and nothing to clean u
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +102,8 @@ class RunConfig:
     qos: int = 1
     ramp: float = 1000.0  # new connections per second; 0 = as fast as possible
     max_pending: int = 64  # connections in TCP/TLS/CONNACK at once (the broker's listen backlog)
+    tls_resume: str = "off"  # TLS session resumption: off, device (own session on reconnect), shared
+    source_addresses: tuple[str, ...] = ()  # local addresses the devices' connections come from, in turn
     heartbeat_interval: float = 30.0
     status_interval: float = 300.0
     jitter: float = 0.1
@@ -141,8 +146,17 @@ class RunConfig:
             raise BadInput("--ramp must be >= 0 connections/s (0 = unlimited)")
         if not 1 <= self.max_pending <= 10_000:
             raise BadInput("--max-pending must be 1..10000")
+        if self.tls_resume not in ("off", "device", "shared"):
+            raise BadInput("--tls-resume must be off, device or shared")
+        if self.tls_resume != "off" and not self.broker.tls:
+            raise BadInput(f"--tls-resume {self.tls_resume} needs a TLS broker (mqtts://)")
         if self.qos not in (0, 1):
             raise BadInput("--qos must be 0 or 1")
+        for addr in self.source_addresses:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise BadInput(f"--source-address {addr!r} is not an IP address") from None
         if not 0 <= self.jitter < 1:
             raise BadInput("--jitter must be in [0, 1)")
         if self.heartbeat_interval <= 0 or self.status_interval <= 0:
@@ -203,6 +217,27 @@ class RunConfig:
                 ) from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
+
+
+# Linux: bind() picks only the address; connect() picks the port, unique per 4-tuple (so ports are
+# shared across destinations, as without bind()).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def bind_source(sock: socket.socket, address: str) -> None:
+    with contextlib.suppress(OSError):  # not Linux: a plain bind, the port is then chosen here
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((address, 0))
+
+
+def check_source_addresses(addresses: tuple[str, ...], family: socket.AddressFamily) -> None:
+    """Each --source-address must be an address of this host in the broker's address family."""
+    for addr in addresses:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                bind_source(sock, addr)
+            except OSError as exc:
+                raise BadInput(f"--source-address {addr}: cannot connect from it ({exc.strerror or exc})") from None
 
 
 def _readable(path: Path, flag: str) -> None:

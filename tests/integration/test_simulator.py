@@ -205,6 +205,36 @@ def test_storm_and_offline_keep_counts_within_acked_and_unconfirmed(
         assert v["acked"] <= counts.get(d, 0) <= v["acked"] + v["unconfirmed"], (d, v, counts.get(d))
 
 
+def test_tls_resumption_and_source_addresses(
+    db: PsycopgSession, mosquitto_factory: MosquittoFactory, pki: PkiFiles, tmp_path: Path
+) -> None:
+    """--tls-resume shared: one full handshake, every other connection resumed; device: each device
+    resumes its own session after a storm. --source-address: connections come from each address in turn."""
+    broker = mosquitto_factory()
+    ids = [f"resume-{i:02d}" for i in range(20)]
+    creds = provision(db, broker, ids, tmp_path / "creds.json")
+    base = [*tls_args(broker, creds, pki), "--interval", "0.5s", "--max-pending", "1"]
+    rc, out, err = finish(start([*base, "--duration", "2s", "--tls-resume", "shared"], uuid.uuid4().hex), 60)
+    assert rc == 0, err[-3000:]
+    totals = json.loads(out)["totals"]
+    assert totals["connects"] == 20 and totals["tls_full_handshakes"] == 1 and totals["tls_resumed"] == 19, totals
+    rc, out, err = finish(
+        start([*base, "--duration", "6s", "--tls-resume", "device", "--fault-storm", "20"], uuid.uuid4().hex), 60
+    )
+    assert rc == 0, err[-3000:]
+    totals = json.loads(out)["totals"]
+    assert totals["tls_full_handshakes"] == 20 and totals["tls_resumed"] == totals["connects"] - 20 > 0, totals
+    rc, out, err = finish(start([*base, "--duration", "2s"], uuid.uuid4().hex), 60)  # default: off
+    totals = json.loads(out)["totals"]
+    assert rc == 0 and totals["tls_full_handshakes"] == totals["connects"] == 20 and "tls_resumed" not in totals
+    plain = ["run", "--broker", f"mqtt://127.0.0.1:{broker.plain_port}", "--devices", str(creds),
+             "--source-address", "127.0.0.2,127.0.0.3", "--duration", "2s", "--interval", "0.5s"]  # fmt: skip
+    rc, out, err = finish(start(plain, uuid.uuid4().hex), 60)
+    assert rc == 0 and json.loads(out)["totals"]["connects"] == 20, err[-3000:]
+    log = broker.log_tail(lines=400)
+    assert log.count("New connection from 127.0.0.2:") >= 10 and log.count("New connection from 127.0.0.3:") >= 10
+
+
 # -- protocol variants ----------------------------------------------------------------------------
 
 
@@ -318,6 +348,8 @@ def test_bad_input_against_a_running_broker(
     # TLS URL against the plain listener.
     _bad(["run", "--broker", f"mqtts://127.0.0.1:{broker.plain_port}", "--ca", str(pki.ca_cert),
           "--devices", str(creds)], "TLS")  # fmt: skip
+    # A source address this host does not have (TEST-NET-1).
+    _bad([*good, "--source-address", "192.0.2.1"], "--source-address 192.0.2.1", "cannot connect from it")
     assert not report.exists()
 
 
@@ -332,6 +364,8 @@ def test_bad_input_against_a_running_broker(
         (["--fault-malformed", "1.5"], ["--fault-malformed 1.5 is out of range"]),
         (["--duration", "soon"], ["--duration", "not a duration"]),
         (["--qos", "2"], ["--qos must be 0 or 1"]),
+        (["--source-address", "127.0.0.1,nope"], ["--source-address 'nope' is not an IP address"]),
+        (["--tls-resume", "shared"], ["--tls-resume shared needs a TLS broker"]),
     ],
 )
 def test_bad_ranges_exit_2_with_one_line(tmp_path: Path, extra: list[str], needles: list[str]) -> None:
