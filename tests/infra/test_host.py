@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from roles import ingest, ops
+from roles import ingest, monitoring, ops
 from roles.base import FIREWALL_SCRIPT, SSHD_DROPIN
 from roles.broker_mosquitto import DB_PASSWORD_FILE
 from roles.docker import DAEMON_JSON, daemon_json
@@ -35,6 +35,16 @@ def expected_packages(expected: InventoryHost) -> list[str]:
         packages.append("mosquitto")
     if "nginx" in expected.roles:
         packages.append("nginx")
+    if "certbot" in expected.roles:
+        packages.append("certbot")
+    if "ingest_package" in expected.roles:
+        packages.append("python3-venv")
+    if "monitoring" in expected.roles:
+        packages += monitoring.PACKAGES
+        if "databases" in expected.groups:
+            packages.append(monitoring.POSTGRES_PACKAGE)
+    if "ops" in expected.roles:
+        packages.append("cron")
     return sorted(set(packages))
 
 
