@@ -126,6 +126,9 @@ mosquitto_acl_file = "/etc/mosquitto/telemetry.acl"
 provision_bin = "/opt/telemetry/venv/bin/provision"
 # Seconds between writes of the in-memory store to disk (persistence is always on).
 mosquitto_autosave_interval = 60
+# How often a timer exports device accounts changed since the last deploy (devices registered through
+# the provisioning API) to Mosquitto's files: the longest a new device waits before it may connect.
+mosquitto_accounts_sync_interval = "30s"
 
 # --- database ---------------------------------------------------------------------------------------
 # Pinned TimescaleDB image (TimescaleDB 2.x on PostgreSQL 15).

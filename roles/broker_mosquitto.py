@@ -17,6 +17,11 @@ from roles.secrets import secrets_for
 
 CONFIG = "/etc/mosquitto/mosquitto.conf"
 DB_PASSWORD_FILE = "/etc/mosquitto/telemetry-db.password"  # noqa: S105 -- a path
+# Between deploys, a timer exports accounts changed since (devices registered through the API).
+SYNC_SCRIPT = "/usr/local/sbin/telemetry-mosquitto-accounts"
+SYNC_SERVICE = "telemetry-mosquitto-accounts.service"
+SYNC_TIMER = "telemetry-mosquitto-accounts.timer"
+SYSTEMD_DIR = "/etc/systemd/system"
 # Until the database has accounts (or the provision CLI is installed), no device gets in.
 DENY_ALL = {"passwd": "", "acl": "# no accounts exported yet: every client is refused\n"}
 
@@ -120,9 +125,30 @@ class BrokerMosquitto(Role):
             ),
         )
 
+        sync = self.sync_context()
+        self.put(render("broker_mosquitto/accounts-sync.sh.j2", **sync), SYNC_SCRIPT, key="sync", mode="0755")
+        for name in (SYNC_SERVICE, SYNC_TIMER):
+            template = f"broker_mosquitto/accounts-sync.{name.rsplit('.', 1)[1]}.j2"
+            self.put(render(template, **sync), f"{SYSTEMD_DIR}/{name}", key="sync_unit")
+
+    def sync_context(self) -> dict[str, Any]:
+        return {
+            "provision_bin": self.data("provision_bin"),
+            "dsn": self.export_dsn(),
+            "db_password_file": DB_PASSWORD_FILE,
+            "passwd_file": self.data("mosquitto_passwd_file"),
+            "acl_file": self.data("mosquitto_acl_file"),
+            "interval": self.data("mosquitto_accounts_sync_interval"),
+            "script": SYNC_SCRIPT,
+            "timer": SYNC_TIMER,
+            "database_unit": f"postgresql@{self.data('postgresql_version')}-main.service",
+        }
+
     def activate(self) -> None:
         # SIGHUP (the Debian unit's reload) re-reads password and ACL files without dropping sessions.
         self.service("mosquitto", restart_if=self.changed("config"), reload_if=self.changed("auth"))
+        self.daemon_reload(_if=self.changed("sync_unit"))
+        self.service(SYNC_TIMER, restart_if=self.changed("sync_unit"))
 
 
 broker_mosquitto = role_deploy(BrokerMosquitto)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.broker_mosquitto import CONFIG, broker_mosquitto, render_config
+from roles.broker_mosquitto import CONFIG, SYNC_SCRIPT, SYNC_SERVICE, SYNC_TIMER, broker_mosquitto, render_config
 from tests.support import deploy_validators as v
 from tests.support.deploy_fake import LIVE_HOST, run_deploys
 
@@ -118,3 +118,18 @@ def test_real_mosquitto_starts_with_the_rendered_config(tmp_path: Path, request:
         proc.terminate()
         out = proc.communicate(timeout=10)[0]
     assert "Error" not in out, out
+
+
+def test_accounts_sync_script_and_units_are_valid(tmp_path: Path) -> None:
+    (r,) = run_deploys("lab", [broker_mosquitto], responses=LIVE_HOST).values()
+    script = r.files[SYNC_SCRIPT]
+    v.shellcheck_ok(script, tmp_path)
+    assert "--passwords /etc/mosquitto/telemetry.passwd --acl /etc/mosquitto/telemetry.acl" in script
+    stub = tmp_path / "root" / SYNC_SCRIPT.lstrip("/")
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    units = {name: r.files[f"/etc/systemd/system/{name}"] for name in (SYNC_SERVICE, SYNC_TIMER)}
+    v.systemd_verify_ok(units, tmp_path)
+    assert "OnUnitActiveSec=30s" in units[SYNC_TIMER]
+    assert f"{SYNC_TIMER} enabled and running" in " ".join(r.op_names())

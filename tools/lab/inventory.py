@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from roles import ingest, monitoring, stack
+from roles import broker_mosquitto, ingest, monitoring, stack
 from tools.lab.target import REPO
 
 
@@ -30,7 +30,7 @@ class InventoryHost:
         if "database_postgresql" in self.roles:
             units.append(f"postgresql@{self.data['postgresql_version']}-main")
         if "broker_mosquitto" in self.roles:
-            units.append("mosquitto")
+            units += ["mosquitto", broker_mosquitto.SYNC_TIMER]
         if "nginx" in self.roles:
             units.append("nginx")
         for role, project in (("broker_emqx", "emqx"), ("database_timescaledb", "timescaledb")):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from roles.broker_mosquitto import SYNC_SERVICE
 from tools.lab.inventory import LabHost
 from tools.lab.target import LAB_DIR, REPO, LabError, LabState, say, ssh
 
@@ -81,6 +82,14 @@ def provision_devices(host: LabHost, count: int = 100) -> Path:
     DEVICES_FILE.write_text(json.dumps(sorted(creds, key=lambda c: c["device_id"]), indent=1))
     say(f"{count} devices provisioned on the target; credentials in {DEVICES_FILE.relative_to(REPO)} (0600)")
     return DEVICES_FILE
+
+
+def sync_broker_accounts() -> None:
+    """Run now what the Mosquitto accounts timer runs every 30 s: export, reload on change."""
+    done = ssh(f"systemctl start {SYNC_SERVICE}", check=False, timeout=120)
+    if done.returncode != 0:
+        journal = ssh(f"journalctl -u {SYNC_SERVICE} -n 5 --no-pager", check=False).stdout
+        raise LabError(f"{SYNC_SERVICE} failed on the target: {journal.strip()[-600:]}")
 
 
 def fetch_broker_ca(host: LabHost) -> Path:
