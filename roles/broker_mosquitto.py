@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from io import StringIO
+from pathlib import PurePosixPath
 from typing import Any
 
 from pyinfra.api.operation import operation
@@ -142,6 +143,9 @@ class BrokerMosquitto(Role):
             "script": SYNC_SCRIPT,
             "timer": SYNC_TIMER,
             "database_unit": f"postgresql@{self.data('postgresql_version')}-main.service",
+            "rw_dirs": sorted(
+                {str(PurePosixPath(self.data(k)).parent) for k in ("mosquitto_passwd_file", "mosquitto_acl_file")}
+            ),
         }
 
     def activate(self) -> None:

@@ -132,4 +132,6 @@ def test_accounts_sync_script_and_units_are_valid(tmp_path: Path) -> None:
     units = {name: r.files[f"/etc/systemd/system/{name}"] for name in (SYNC_SERVICE, SYNC_TIMER)}
     v.systemd_verify_ok(units, tmp_path)
     assert "OnUnitActiveSec=30s" in units[SYNC_TIMER]
+    # ProtectSystem=full makes /etc read-only: the files' folder must be writable (seen on the lab).
+    assert "ReadWritePaths=/etc/mosquitto\n" in units[SYNC_SERVICE]
     assert f"{SYNC_TIMER} enabled and running" in " ".join(r.op_names())
