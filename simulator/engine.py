@@ -102,6 +102,43 @@ def reason_name(packet_type: int, code: int) -> str:
         return f"reason code {code:#04x}"
 
 
+def _receive_maximum(buf: bytes, i: int) -> int:
+    """The Receive Maximum property (0x21) in the MQTT 5 property block at ``i``: how many QoS 1/2
+    publishes the broker accepts unacknowledged (65535 when absent)."""
+    end = _skip_properties(buf, i)
+    j = i
+    while buf[j] & 128:  # the block's length
+        j += 1
+    j += 1
+    while j < end:
+        ident = buf[j]
+        j += 1
+        if ident == 0x21:
+            return (buf[j] << 8) | buf[j + 1]
+        kind = _PROPERTY_SIZES.get(ident)
+        if kind is None:
+            break  # an identifier we do not know: we cannot skip it, assume no limit
+        if kind > 0:
+            j += kind
+        elif kind == -1:  # UTF-8 string or binary data
+            j += 2 + ((buf[j] << 8) | buf[j + 1])
+        elif kind == -2:  # string pair
+            j += 2 + ((buf[j] << 8) | buf[j + 1])
+            j += 2 + ((buf[j] << 8) | buf[j + 1])
+        else:  # variable byte integer
+            while buf[j] & 128:
+                j += 1
+            j += 1
+    return 65535
+
+
+# MQTT 5 CONNACK properties: fixed size in bytes, or -1 string/binary, -2 string pair, -3 varint.
+_PROPERTY_SIZES = {
+    0x11: 4, 0x12: -1, 0x13: 2, 0x15: -1, 0x16: -1, 0x1A: -1, 0x1C: -1, 0x1F: -1, 0x21: 2, 0x22: 2,
+    0x24: 1, 0x25: 1, 0x26: -2, 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1, 0x0B: -3,
+}  # fmt: skip
+
+
 def _skip_properties(buf: bytes, i: int) -> int:
     """Index after the MQTT 5 property block starting at ``i``."""
     length = shift = 0
@@ -164,6 +201,7 @@ class Device:
         "wants",
         "wbuf",
         "window",
+        "window_max",
         "wrong_pw",
     )
 
@@ -195,6 +233,7 @@ class Device:
         self.queue: collections.deque[bytes] = collections.deque()  # QoS 1 PUBLISHes beyond the window
         self.q0: list[int] = []
         self.window = 0
+        self.window_max = _MAX_INFLIGHT
         self.next_mid = 0
         self.ping_at = 0.0
         self.last_out = 0.0
@@ -400,6 +439,7 @@ class Simulator:
         dev.queue.clear()
         dev.q0 = []
         dev.window = 0
+        dev.window_max = _MAX_INFLIGHT
         dev.ping_at = 0.0
         dev.broken = dev.closing = False
 
@@ -550,6 +590,8 @@ class Simulator:
             elif qos == 2:
                 self._protocol_error(dev, "QoS 2 PUBLISH on a QoS 1 subscription")
         elif kind == 0x20:  # CONNACK: flags, return/reason code (, MQTT 5 properties)
+            if self.v5 and stop - i > 2:
+                dev.window_max = max(1, min(_MAX_INFLIGHT, _receive_maximum(buf, i + 2)))
             self._on_connack(dev, buf[i + 1])
         elif kind == 0x90:  # SUBACK: packet id (, properties), one code per filter
             j = _skip_properties(buf, i + 2) if self.v5 else i + 2
@@ -804,7 +846,7 @@ class Simulator:
         dev.inflight[mid] = kind
         self.inflight_total += 1
         packet = b"\x32" + varint(size) + topic + mid.to_bytes(2, "big") + self.props + payload
-        if dev.window < _MAX_INFLIGHT:
+        if dev.window < dev.window_max:
             dev.window += 1
             self._write(dev, packet)
         else:

@@ -192,3 +192,27 @@ def test_durations() -> None:
 def test_from_db_requires_a_credentials_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["run", "--broker", "mqtt://127.0.0.1:1", "--from-db", "host=127.0.0.1 dbname=x", "--count", "2"])
     assert rc == 2 and "--credentials-out" in capsys.readouterr().err
+
+
+def test_connack_receive_maximum_is_found_among_other_properties() -> None:
+    from simulator.engine import _receive_maximum, _skip_properties
+    from simulator.wire import utf8, varint
+
+    def block(props: bytes) -> bytes:
+        return b"\x00\x00" + varint(len(props)) + props  # CONNACK flags, reason, then the properties
+
+    props = (
+        b"\x11\x00\x00\x00\x3c"  # session expiry interval
+        + b"\x12"
+        + utf8("assigned")  # assigned client identifier
+        + b"\x26"
+        + utf8("k")
+        + utf8("v")  # user property
+        + b"\x0b\x80\x01"  # a variable byte integer property
+        + b"\x21\x00\x0a"  # receive maximum 10
+        + b"\x22\x00\x05"  # topic alias maximum
+    )
+    buf = block(props)
+    assert _receive_maximum(buf, 2) == 10 and _skip_properties(buf, 2) == len(buf)
+    assert _receive_maximum(block(b""), 2) == 65535
+    assert _receive_maximum(block(b"\x22\x00\x05"), 2) == 65535
