@@ -6,6 +6,10 @@ Scenarios (each on a fresh broker, the same database truncated in between):
   ingest_2   two processes on a shared subscription ($share/ingest/...)
   naive      bench/naive_baseline.py (paho 3.1.1, stdlib json, COPY 1000, auto-ack)
 
+Per scenario it also prints the CPU each party used per message (us_cpu_per_msg: consumer, broker,
+PostgreSQL, from /proc) and the host's busy time outside them (cpu_accounting.other_s: other jobs):
+on a shared host the wall-clock rate moves with the load, the CPU per message hardly does.
+
 Prints progress on stderr and ONE JSON object on the last stdout line.
 Usage: bench/ingest_drain.py [--quick] [--messages N] [--devices D] [--batch B]
 """
