@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -170,14 +169,11 @@ def test_stopped_broker_is_restarted_and_checked_again(
     config = write_config(tmp_path, pg_server, broker, stub)
     broker.stop()
     restart = Restarts({UNITS["broker"]: broker.start})
-    started = time.monotonic()
     code, components = run(config, restart, capsys=capsys)
     assert code == 0, components
     assert restart.calls == [UNITS["broker"]]
     assert components["broker"]["healthy"] and components["broker"]["restarts"] == 1
     assert components["database"]["restarts"] == 0 and components["ingest"]["restarts"] == 0
-    # one wait for the stopped broker, then healthy soon after the restart
-    assert time.monotonic() - started < 4 + 4 + 3
     log = (tmp_path / "log" / "boot-check.log").read_text()
     assert "restarting mosquitto.service (1/2)" in log
     assert "broker (mosquitto.service): healthy after 1 restart" in log
@@ -216,15 +212,12 @@ def test_unrecoverable_component_gets_bounded_restarts_and_one_alert(
     config = write_config(tmp_path, pg_server, broker, stub, restarts=2)
     stub.healthy = False
     restart = Restarts()
-    started = time.monotonic()
     code, components = run(config, restart, "--wait-seconds", "1", capsys=capsys)
-    elapsed = time.monotonic() - started
     assert code == 1
     assert restart.calls == [UNITS["ingest"]] * 2  # bounded: exactly `restarts` attempts
     assert not components["ingest"]["healthy"] and components["ingest"]["restarts"] == 2
     assert "HTTP 503" in components["ingest"]["detail"]
     assert components["database"]["healthy"] and components["broker"]["healthy"]
-    assert elapsed < 3 * 1 + 6  # (restarts + 1) waits of 1 s, plus the healthy components' checks
     alerts = [p for p in stub.posts if p.get("check") == "boot_check"]
     assert len(alerts) == 1 and "ingest" in alerts[0]["detail"] and alerts[0]["status"] == "critical"
     log = (tmp_path / "log" / "boot-check.log").read_text()
