@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-PHASES: list[tuple[str, float]] = []
+from tests.lab.phases import PHASES
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -30,7 +30,7 @@ import pytest
 
 from roles.broker_mosquitto import DB_PASSWORD_FILE
 from tests.infra.test_host import secret_files
-from tests.lab.conftest import PHASES
+from tests.lab.phases import PHASES
 from tools.lab.deploy import parse_results
 from tools.lab.inventory import load_host
 from tools.lab.target import REPO
