@@ -70,7 +70,7 @@ def test_boot_check_enabled(host: Any, expected: InventoryHost) -> None:
     assert host.service(ops.BOOT_UNIT.removesuffix(".service")).is_enabled
 
 
-def test_operations_config_readable_by_root_only_group(host: Any, expected: InventoryHost) -> None:
+def test_operations_config_not_world_readable(host: Any, expected: InventoryHost) -> None:
     if "ops" not in expected.roles:
         pytest.skip("no operations role on this host")
     config = host.file(ops.OPS_CONFIG)

@@ -52,7 +52,7 @@ def cmd_all(args: argparse.Namespace) -> int:
         say(f"the deploy failed: {', '.join(deploys[-1].errors)} (JSON in .cache/lab/deploy-1.json)")
         return 1
     outcome: dict[str, Any] = {}
-    with phase("provision 100 devices", timings):
+    with phase(f"provision {args.count} devices", timings):
         provision_devices(host, args.count)
     if host.data["broker_backend"] == "mosquitto":
         with phase("export the new devices to Mosquitto (its accounts timer's unit)", timings):
@@ -66,7 +66,7 @@ def cmd_all(args: argparse.Namespace) -> int:
     if not traffic.ok:
         say(f"traffic check failed: {json.dumps(traffic.to_json())}")
         return 1
-    return 0 if deploys[-1].ok else 1
+    return 0
 
 
 def cmd_traffic(args: argparse.Namespace) -> int:
