@@ -269,6 +269,9 @@ def test_offsite_copy_with_rsync(setup: Setup, tmp_path: Path) -> None:
     assert out["offsite"]["ok"] is True
     assert (remote / Path(out["archive"]).name).read_bytes() == Path(out["archive"]).read_bytes()
     cfg["backup"]["offsite"] = {"target": str(tmp_path / "missing" / "deeper") + "/"}
+    # A folder of its own: archives are named by the second, and the script refuses to overwrite one
+    # (a second backup within the same second failed here with exit 1 instead of reaching rsync).
+    cfg["backup"]["dir"] = str(tmp_path / "local-2")
     config.write_text(yaml.safe_dump(cfg))
     result = run("backup.py", "--config", str(config), "--json")
     assert result.returncode == 4, result.stderr  # archive kept locally, off-site failure is loud
